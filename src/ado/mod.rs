@@ -1,0 +1,1 @@
+//! Azure DevOps REST client: models, authentication, rate limiting, error mapping. Knows nothing of Kubernetes.

@@ -1,0 +1,1 @@
+//! The agent container entrypoint: token → register → run one job → deregister.

@@ -1,0 +1,13 @@
+//! azp-autoscaler: scale-to-zero, run-once Azure DevOps agents on Kubernetes.
+//!
+//! The tree shows the architecture:
+//! - [`plan`]: every decision, as pure functions over an ADO snapshot and a cluster snapshot (no IO).
+//! - [`ado`]: the Azure DevOps REST client, its models, authentication and rate limiting (no Kubernetes).
+//! - [`k8s`]: the `AgentPool` resource, agent Job building, watches, applying a plan, status (no ADO wire formats).
+//! - [`agent`]: the agent container entrypoint (token → register → run once → deregister).
+//! - [`admin`], [`metrics`], [`telemetry`], [`tls`]: the thin shells around them.
+
+pub mod ado;
+pub mod agent;
+pub mod plan;
+pub mod tls;

@@ -1,0 +1,1 @@
+//! A local test CA and server certificates.
