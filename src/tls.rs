@@ -103,7 +103,7 @@ fn read_pem(var: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static
 pub fn http_client_builder() -> Result<reqwest::ClientBuilder, TlsError> {
     install_crypto_provider();
     let mut builder = reqwest::Client::builder()
-        .user_agent(concat!("azp-autoscaler/", env!("CARGO_PKG_VERSION")))
+        .user_agent(concat!("azp-autoscaler/", env!("CARGO_PKG_VERSION")));
     let extra = extra_roots()?;
     if !extra.is_empty() {
         let certs = extra
