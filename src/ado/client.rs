@@ -1,0 +1,858 @@
+//! [`AdoClient`]: the REST calls the controller and the agent entrypoint make, for one (organization,
+//! identity). Cheap to clone; clones share the HTTP connection pool, the token cache and the
+//! rate-limit state, so every ADO pool of the organization polled with that identity obeys the same
+//! `Retry-After`.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{AUTHORIZATION, HeaderMap};
+use reqwest::{Method, StatusCode, Url};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::auth::{TokenSource, error_chain, excerpt};
+use super::error::AdoError;
+use super::models::{ListResponse, ResourceUsage, TaskAgent, TaskAgentJobRequest, TaskAgentPool};
+use super::observer::{AdoObserver, CallRecord, NoopObserver};
+use super::ratelimit::Limiter;
+use crate::tls;
+
+/// `api-version` of the routes the 7.1 spec documents (pools, agents).
+pub const API_VERSION: &str = "7.1";
+/// `api-version` of `jobrequests` (not in the public spec; the agent's client calls it as a preview).
+pub const JOBREQUESTS_API_VERSION: &str = "7.1-preview.1";
+/// `api-version` of `resourceusage` (client-internal in ADO, preview only).
+pub const RESOURCE_USAGE_API_VERSION: &str = "7.1-preview.1";
+
+/// Settings of an [`AdoClient`].
+#[derive(Clone)]
+pub struct AdoClientConfig {
+    /// Upper bound of one HTTP call (connect, send, read).
+    pub request_timeout: Duration,
+    /// Our own steady budget of calls per second to the organization with this identity.
+    pub requests_per_second: NonZeroU32,
+    /// Calls allowed in a burst above the steady budget.
+    pub burst: NonZeroU32,
+    /// How long to hold calls after a 429 that carries no `Retry-After`.
+    pub throttle_default: Duration,
+    /// Receives call, rate-limit and delay events.
+    pub observer: Arc<dyn AdoObserver>,
+}
+
+impl Default for AdoClientConfig {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(30),
+            requests_per_second: NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN),
+            burst: NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN),
+            throttle_default: Duration::from_secs(30),
+            observer: Arc::new(NoopObserver),
+        }
+    }
+}
+
+impl std::fmt::Debug for AdoClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdoClientConfig")
+            .field("request_timeout", &self.request_timeout)
+            .field("requests_per_second", &self.requests_per_second)
+            .field("burst", &self.burst)
+            .field("throttle_default", &self.throttle_default)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which agents to list, and how much of each.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentQuery {
+    /// Only the agent with this name (`agentName`).
+    pub name: Option<String>,
+    /// Include `systemCapabilities` / `userCapabilities`.
+    pub include_capabilities: bool,
+    /// Include `assignedRequest`.
+    pub include_assigned_request: bool,
+    /// Include `lastCompletedRequest`.
+    pub include_last_completed_request: bool,
+}
+
+impl AgentQuery {
+    /// Every agent, names and states only.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Only the agent named `name`.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: Some(name.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Also read capabilities.
+    pub fn with_capabilities(mut self) -> Self {
+        self.include_capabilities = true;
+        self
+    }
+
+    /// Also read the request each agent holds.
+    pub fn with_assigned_request(mut self) -> Self {
+        self.include_assigned_request = true;
+        self
+    }
+}
+
+/// A partial update of an agent (`PATCH`): only the fields set are sent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentUpdate {
+    /// Enable (true) or disable (false) assignment of work.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// New user capabilities (replaces them all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_capabilities: Option<BTreeMap<String, String>>,
+    /// New system capabilities (replaces them all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_capabilities: Option<BTreeMap<String, String>>,
+}
+
+impl AgentUpdate {
+    /// Only set `enabled`.
+    pub fn enabled(enabled: bool) -> Self {
+        Self {
+            enabled: Some(enabled),
+            ..Self::default()
+        }
+    }
+}
+
+/// What a delete found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    /// The agent existed and was deleted.
+    Deleted,
+    /// ADO answered 404: it was already gone (deregistered by itself, or by an earlier attempt).
+    AlreadyGone,
+}
+
+/// The ADO REST client of one (organization, identity).
+#[derive(Clone)]
+pub struct AdoClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    organization: Url,
+    organization_text: String,
+    tokens: TokenSource,
+    limiter: Limiter,
+    config: AdoClientConfig,
+}
+
+impl std::fmt::Debug for AdoClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdoClient")
+            .field("organization", &self.inner.organization_text)
+            .field("identity", &self.inner.tokens.identity())
+            .finish_non_exhaustive()
+    }
+}
+
+/// An answer with a 2xx status.
+struct Answer {
+    status: StatusCode,
+    body: Vec<u8>,
+}
+
+impl AdoClient {
+    /// A client for `organization_url` (e.g. `https://dev.azure.com/contoso`, or an Azure DevOps
+    /// Server collection URL) with default settings.
+    pub fn new(organization_url: &str, tokens: TokenSource) -> Result<Self, AdoError> {
+        Self::with_config(organization_url, tokens, AdoClientConfig::default())
+    }
+
+    /// A client with explicit settings.
+    pub fn with_config(
+        organization_url: &str,
+        tokens: TokenSource,
+        config: AdoClientConfig,
+    ) -> Result<Self, AdoError> {
+        let organization = parse_organization(organization_url)?;
+        let http = tls::http_client_builder()
+            .map_err(|e| AdoError::Auth(e.into()))?
+            .timeout(config.request_timeout)
+            .connect_timeout(config.request_timeout.min(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| AdoError::Config {
+                field: "https client",
+                reason: error_chain(&e),
+            })?;
+        let organization_text = organization.as_str().trim_end_matches('/').to_owned();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                organization,
+                organization_text,
+                tokens,
+                limiter: Limiter::new(config.requests_per_second, config.burst),
+                config,
+            }),
+        })
+    }
+
+    /// The organization URL (no trailing slash).
+    pub fn organization(&self) -> &str {
+        &self.inner.organization_text
+    }
+
+    /// The token source (the agent entrypoint takes its `fresh_token` from here).
+    pub fn tokens(&self) -> &TokenSource {
+        &self.inner.tokens
+    }
+
+    /// Fraction of ADO's rate budget left after the last answer (1.0 = no pressure).
+    pub fn headroom(&self) -> f64 {
+        self.inner.limiter.headroom()
+    }
+
+    /// Factor by which the poll loop should stretch its interval: 1.0 normally, up to
+    /// [`super::ratelimit::MAX_SLOW_DOWN`] when `X-RateLimit-Remaining` runs low.
+    pub fn slow_down_factor(&self) -> f64 {
+        self.inner.limiter.slow_down_factor()
+    }
+
+    /// Time until calls may go out again after a `Retry-After` (zero when none is pending).
+    pub fn retry_after_remaining(&self) -> Duration {
+        self.inner.limiter.retry_after_remaining()
+    }
+
+    /// The pool named `name` (case-insensitive), or `None` when the organization has none.
+    pub async fn pool_by_name(&self, name: &str) -> Result<Option<TaskAgentPool>, AdoError> {
+        let url = self.url(&["distributedtask", "pools"])?;
+        let answer = self
+            .execute(
+                "pools",
+                Method::GET,
+                url,
+                API_VERSION,
+                &[("poolName", name.to_owned())],
+                None::<&()>,
+            )
+            .await?;
+        let list: ListResponse<TaskAgentPool> = self.decode("pools", &answer)?;
+        Ok(list
+            .value
+            .into_iter()
+            .find(|p| p.name.eq_ignore_ascii_case(name)))
+    }
+
+    /// Every unfinished job request of the pool (`completedRequestCount=0`, no `$top`: all of them).
+    pub async fn job_requests(&self, pool_id: i32) -> Result<Vec<TaskAgentJobRequest>, AdoError> {
+        let url = self.url(&[
+            "distributedtask",
+            "pools",
+            &pool_id.to_string(),
+            "jobrequests",
+        ])?;
+        let answer = self
+            .execute(
+                "jobrequests",
+                Method::GET,
+                url,
+                JOBREQUESTS_API_VERSION,
+                &[("completedRequestCount", "0".to_owned())],
+                None::<&()>,
+            )
+            .await?;
+        Ok(self
+            .decode::<ListResponse<TaskAgentJobRequest>>("jobrequests", &answer)?
+            .value)
+    }
+
+    /// Agents of the pool.
+    pub async fn agents(
+        &self,
+        pool_id: i32,
+        query: &AgentQuery,
+    ) -> Result<Vec<TaskAgent>, AdoError> {
+        let url = self.url(&["distributedtask", "pools", &pool_id.to_string(), "agents"])?;
+        let mut params = Vec::new();
+        if let Some(name) = &query.name {
+            params.push(("agentName", name.clone()));
+        }
+        if query.include_capabilities {
+            params.push(("includeCapabilities", "true".to_owned()));
+        }
+        if query.include_assigned_request {
+            params.push(("includeAssignedRequest", "true".to_owned()));
+        }
+        if query.include_last_completed_request {
+            params.push(("includeLastCompletedRequest", "true".to_owned()));
+        }
+        let answer = self
+            .execute(
+                "agents",
+                Method::GET,
+                url,
+                API_VERSION,
+                &params,
+                None::<&()>,
+            )
+            .await?;
+        Ok(self
+            .decode::<ListResponse<TaskAgent>>("agents", &answer)?
+            .value)
+    }
+
+    /// One agent with its capabilities and the request it holds; `None` when it does not exist.
+    pub async fn agent(&self, pool_id: i32, agent_id: i32) -> Result<Option<TaskAgent>, AdoError> {
+        let url = self.url(&[
+            "distributedtask",
+            "pools",
+            &pool_id.to_string(),
+            "agents",
+            &agent_id.to_string(),
+        ])?;
+        let params = [
+            ("includeCapabilities", "true".to_owned()),
+            ("includeAssignedRequest", "true".to_owned()),
+        ];
+        match self
+            .execute("agent", Method::GET, url, API_VERSION, &params, None::<&()>)
+            .await
+        {
+            Ok(answer) => Ok(Some(self.decode("agent", &answer)?)),
+            Err(AdoError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Registers a new agent (`POST`); the answer has its `id` and `authorization`.
+    pub async fn add_agent(&self, pool_id: i32, agent: &TaskAgent) -> Result<TaskAgent, AdoError> {
+        let url = self.url(&["distributedtask", "pools", &pool_id.to_string(), "agents"])?;
+        let answer = self
+            .execute(
+                "add_agent",
+                Method::POST,
+                url,
+                API_VERSION,
+                &[],
+                Some(agent),
+            )
+            .await?;
+        self.decode("add_agent", &answer)
+    }
+
+    /// Replaces an existing agent (`PUT`): new key, capabilities, version (what `--replace` does).
+    pub async fn replace_agent(
+        &self,
+        pool_id: i32,
+        agent_id: i32,
+        agent: &TaskAgent,
+    ) -> Result<TaskAgent, AdoError> {
+        let url = self.url(&[
+            "distributedtask",
+            "pools",
+            &pool_id.to_string(),
+            "agents",
+            &agent_id.to_string(),
+        ])?;
+        let mut body = agent.clone();
+        body.id = agent_id;
+        let answer = self
+            .execute(
+                "replace_agent",
+                Method::PUT,
+                url,
+                API_VERSION,
+                &[],
+                Some(&body),
+            )
+            .await?;
+        self.decode("replace_agent", &answer)
+    }
+
+    /// Updates some fields of an agent (`PATCH`), e.g. disables it before removal.
+    pub async fn update_agent(
+        &self,
+        pool_id: i32,
+        agent_id: i32,
+        update: &AgentUpdate,
+    ) -> Result<TaskAgent, AdoError> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            id: i32,
+            #[serde(flatten)]
+            update: &'a AgentUpdate,
+        }
+        let url = self.url(&[
+            "distributedtask",
+            "pools",
+            &pool_id.to_string(),
+            "agents",
+            &agent_id.to_string(),
+        ])?;
+        let body = Body {
+            id: agent_id,
+            update,
+        };
+        let answer = self
+            .execute(
+                "update_agent",
+                Method::PATCH,
+                url,
+                API_VERSION,
+                &[],
+                Some(&body),
+            )
+            .await?;
+        self.decode("update_agent", &answer)
+    }
+
+    /// Deletes an agent. A 404 is success: [`DeleteOutcome::AlreadyGone`].
+    pub async fn delete_agent(
+        &self,
+        pool_id: i32,
+        agent_id: i32,
+    ) -> Result<DeleteOutcome, AdoError> {
+        let url = self.url(&[
+            "distributedtask",
+            "pools",
+            &pool_id.to_string(),
+            "agents",
+            &agent_id.to_string(),
+        ])?;
+        match self
+            .execute(
+                "delete_agent",
+                Method::DELETE,
+                url,
+                API_VERSION,
+                &[],
+                None::<&()>,
+            )
+            .await
+        {
+            Ok(_) => Ok(DeleteOutcome::Deleted),
+            Err(AdoError::NotFound { .. }) => Ok(DeleteOutcome::AlreadyGone),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Self-hosted private parallel-job usage and limit of the organization, with the running
+    /// requests (at most 50, an ADO limit).
+    pub async fn resource_usage(&self) -> Result<ResourceUsage, AdoError> {
+        let url = self.url(&["distributedtask", "resourceusage"])?;
+        let params = [
+            ("parallelismTag", "Private".to_owned()),
+            ("poolIsHosted", "false".to_owned()),
+            ("includeRunningRequests", "true".to_owned()),
+        ];
+        let answer = self
+            .execute(
+                "resourceusage",
+                Method::GET,
+                url,
+                RESOURCE_USAGE_API_VERSION,
+                &params,
+                None::<&()>,
+            )
+            .await?;
+        self.decode("resourceusage", &answer)
+    }
+
+    /// `{organization}/_apis/<segments…>`, each segment escaped.
+    fn url(&self, segments: &[&str]) -> Result<Url, AdoError> {
+        let mut url = self.inner.organization.clone();
+        {
+            let mut path = url.path_segments_mut().map_err(|()| AdoError::Config {
+                field: "organization URL",
+                reason: format!("`{}` cannot take a path", self.inner.organization_text),
+            })?;
+            path.pop_if_empty().push("_apis").extend(segments);
+        }
+        Ok(url)
+    }
+
+    fn decode<T: DeserializeOwned>(
+        &self,
+        endpoint: &'static str,
+        answer: &Answer,
+    ) -> Result<T, AdoError> {
+        serde_json::from_slice(&answer.body).map_err(|e| AdoError::MalformedJson {
+            endpoint,
+            error: format!("{e} (HTTP {})", answer.status.as_u16()),
+            excerpt: excerpt(&String::from_utf8_lossy(&answer.body), 200),
+        })
+    }
+
+    /// One call: waits for the limiter, authenticates (once more with a new token after a plain
+    /// 401), sends, records rate-limit headers, maps the status.
+    async fn execute<B: Serialize + ?Sized>(
+        &self,
+        endpoint: &'static str,
+        method: Method,
+        mut url: Url,
+        api_version: &str,
+        params: &[(&str, String)],
+        body: Option<&B>,
+    ) -> Result<Answer, AdoError> {
+        {
+            let mut query = url.query_pairs_mut();
+            for (k, v) in params {
+                query.append_pair(k, v);
+            }
+            query.append_pair("api-version", api_version);
+        }
+        let body = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| AdoError::Config {
+                field: "request body",
+                reason: e.to_string(),
+            })?;
+        let mut retried_401 = false;
+        loop {
+            match self
+                .attempt(endpoint, &method, &url, body.as_deref(), retried_401)
+                .await
+            {
+                Err(AdoError::Unauthorized { .. }) if !retried_401 => {
+                    // The cached token may have been revoked or expired early: one more try with a
+                    // newly exchanged token before reporting.
+                    self.inner.tokens.invalidate().await;
+                    retried_401 = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        endpoint: &'static str,
+        method: &Method,
+        url: &Url,
+        body: Option<&[u8]>,
+        fresh: bool,
+    ) -> Result<Answer, AdoError> {
+        let inner = &*self.inner;
+        let observer = &*inner.config.observer;
+        inner
+            .limiter
+            .acquire(&inner.organization_text, observer)
+            .await;
+        let token = if fresh {
+            inner.tokens.fresh_token().await?
+        } else {
+            inner.tokens.token().await?
+        };
+        let mut request = inner
+            .http
+            .request(method.clone(), url.clone())
+            .header(AUTHORIZATION, token.authorization_header()?)
+            .header(reqwest::header::ACCEPT, "application/json");
+        if let Some(body) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_vec());
+        }
+        let started = Instant::now();
+        let result = self.send(endpoint, request).await;
+        let latency = started.elapsed();
+        let (status, outcome) = match &result {
+            Ok(a) => (Some(a.status.as_u16()), "ok"),
+            Err(e) => (e.status(), e.metric_label()),
+        };
+        observer.on_call(&CallRecord {
+            organization: &inner.organization_text,
+            endpoint,
+            method: method_label(method),
+            status,
+            outcome,
+            latency,
+        });
+        match &result {
+            Ok(_) => tracing::debug!(
+                endpoint,
+                status,
+                latency_ms = latency.as_millis() as u64,
+                "ADO call"
+            ),
+            Err(e) => {
+                tracing::debug!(endpoint, status, latency_ms = latency.as_millis() as u64, error = %e, "ADO call failed")
+            }
+        }
+        result
+    }
+
+    async fn send(
+        &self,
+        endpoint: &'static str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Answer, AdoError> {
+        let inner = &*self.inner;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| self.transport_error(endpoint, &e))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let state = inner.limiter.observe(&headers);
+        inner
+            .config
+            .observer
+            .on_rate_limit(&inner.organization_text, &state);
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(endpoint, &e))?
+            .to_vec();
+        if status.is_success() {
+            return Ok(Answer { status, body });
+        }
+        Err(self.status_error(endpoint, status, &headers, &body, state.retry_after))
+    }
+
+    fn transport_error(&self, endpoint: &'static str, e: &reqwest::Error) -> AdoError {
+        if e.is_timeout() {
+            AdoError::Timeout {
+                endpoint,
+                timeout: self.inner.config.request_timeout,
+            }
+        } else {
+            AdoError::Transport {
+                endpoint,
+                detail: error_chain(e),
+            }
+        }
+    }
+
+    fn status_error(
+        &self,
+        endpoint: &'static str,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+        retry_after: Option<Duration>,
+    ) -> AdoError {
+        let inner = &*self.inner;
+        let detail = error_detail(headers, body);
+        let identity = || inner.tokens.identity();
+        let organization = || inner.organization_text.clone();
+        match status.as_u16() {
+            401 if detail.contains("TF401444") => AdoError::NotInOrganization {
+                identity: identity(),
+                organization: organization(),
+            },
+            401 => AdoError::Unauthorized {
+                identity: identity(),
+                organization: organization(),
+                endpoint,
+                detail,
+            },
+            403 => AdoError::Forbidden {
+                identity: identity(),
+                organization: organization(),
+                endpoint,
+                detail,
+            },
+            404 => AdoError::NotFound {
+                endpoint,
+                url: endpoint_path(&inner.organization_text, endpoint),
+                detail,
+            },
+            429 => {
+                let retry_after = retry_after.unwrap_or(inner.config.throttle_default);
+                inner.limiter.hold_for(retry_after);
+                AdoError::Throttled {
+                    endpoint,
+                    retry_after,
+                    detail,
+                }
+            }
+            s if s >= 500 => AdoError::Server {
+                endpoint,
+                status: s,
+                detail,
+            },
+            s => AdoError::Status {
+                endpoint,
+                status: s,
+                detail,
+            },
+        }
+    }
+}
+
+fn endpoint_path(organization: &str, endpoint: &str) -> String {
+    format!("{organization}/_apis/distributedtask ({endpoint})")
+}
+
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        _ => "OTHER",
+    }
+}
+
+/// What the server said about an error: the JSON `message`, the `X-TFS-ServiceError` header, or the
+/// start of the body.
+fn error_detail(headers: &HeaderMap, body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Wire {
+        #[serde(default)]
+        message: Option<String>,
+        #[serde(default, rename = "typeKey")]
+        type_key: Option<String>,
+    }
+    let mut parts = Vec::new();
+    if let Ok(wire) = serde_json::from_slice::<Wire>(body) {
+        if let Some(m) = wire.message.filter(|m| !m.is_empty()) {
+            parts.push(m);
+        }
+        if let Some(k) = wire.type_key.filter(|k| !k.is_empty()) {
+            parts.push(format!("({k})"));
+        }
+    }
+    if let Some(h) = headers
+        .get("x-tfs-serviceerror")
+        .and_then(|v| v.to_str().ok())
+    {
+        let decoded = percent_decode(h);
+        if !parts.iter().any(|p| p.contains(&decoded)) {
+            parts.push(decoded);
+        }
+    }
+    if parts.is_empty() {
+        let text = String::from_utf8_lossy(body);
+        let text = text.trim();
+        if !text.is_empty() {
+            parts.push(excerpt(text, 300));
+        }
+    }
+    if parts.is_empty() {
+        "no details in the answer".to_owned()
+    } else {
+        excerpt(&parts.join(" "), 600)
+    }
+}
+
+/// Decodes `%XX` escapes (ADO URL-encodes `X-TFS-ServiceError`); leaves anything malformed as is.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                bytes.get(i + 1).and_then(|b| (*b as char).to_digit(16)),
+                bytes.get(i + 2).and_then(|b| (*b as char).to_digit(16)),
+            )
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Validates and normalizes the organization URL (https, no query or fragment, trailing slash).
+fn parse_organization(text: &str) -> Result<Url, AdoError> {
+    let trimmed = text.trim();
+    let mut url = Url::parse(trimmed).map_err(|e| AdoError::Config {
+        field: "organization URL",
+        reason: format!(
+            "`{trimmed}` is not a URL ({e}); expected e.g. https://dev.azure.com/<organization>"
+        ),
+    })?;
+    if url.scheme() != "https" {
+        return Err(AdoError::Config {
+            field: "organization URL",
+            reason: format!(
+                "`{trimmed}` must use https:// (the token must not travel in clear text)"
+            ),
+        });
+    }
+    if url.cannot_be_a_base() || url.host_str().is_none() {
+        return Err(AdoError::Config {
+            field: "organization URL",
+            reason: format!("`{trimmed}` has no host"),
+        });
+    }
+    url.set_query(None);
+    url.set_fragment(None);
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn organization_url_is_normalized_and_checked() {
+        let u = parse_organization(" https://dev.azure.com/contoso?x=1 ").unwrap();
+        assert_eq!(u.as_str(), "https://dev.azure.com/contoso/");
+        let u = parse_organization("https://tfs.example/tfs/DefaultCollection/").unwrap();
+        assert_eq!(u.as_str(), "https://tfs.example/tfs/DefaultCollection/");
+        let e = parse_organization("http://dev.azure.com/contoso").unwrap_err();
+        assert!(e.to_string().contains("https://"), "{e}");
+        let e = parse_organization("dev.azure.com/contoso").unwrap_err();
+        assert_eq!(e.metric_label(), "ado_config");
+    }
+
+    #[test]
+    fn error_detail_prefers_json_message_and_decodes_header() {
+        let body = br#"{"$id":"1","message":"TF401444: Please sign-in at least once","typeKey":"UnauthorizedRequestException"}"#;
+        let d = error_detail(&HeaderMap::new(), body);
+        assert!(d.starts_with("TF401444: Please sign-in"), "{d}");
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-tfs-serviceerror",
+            reqwest::header::HeaderValue::from_static("TF400733%3A+The+request+has+been+throttled"),
+        );
+        let d = error_detail(&h, b"");
+        assert_eq!(d, "TF400733: The request has been throttled");
+        assert_eq!(
+            error_detail(&HeaderMap::new(), b""),
+            "no details in the answer"
+        );
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+
+    #[tokio::test]
+    async fn urls_escape_segments_and_carry_api_version() {
+        let client = AdoClient::new(
+            "https://dev.azure.com/contoso",
+            TokenSource::fixed(super::super::auth::AccessToken::new(
+                "t",
+                super::super::auth::AuthScheme::Bearer,
+                None,
+            )),
+        )
+        .unwrap();
+        let url = client.url(&["distributedtask", "pools", "a b"]).unwrap();
+        assert_eq!(
+            url.as_str(),
+            "https://dev.azure.com/contoso/_apis/distributedtask/pools/a%20b"
+        );
+        assert_eq!(client.organization(), "https://dev.azure.com/contoso");
+        assert_eq!(client.headroom(), 1.0);
+    }
+}
