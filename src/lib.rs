@@ -7,7 +7,11 @@
 //! - [`agent`]: the agent container entrypoint (token → register → run once → deregister).
 //! - [`admin`], [`metrics`], [`telemetry`], [`tls`]: the thin shells around them.
 
+pub mod admin;
 pub mod ado;
 pub mod agent;
+pub mod k8s;
+pub mod metrics;
 pub mod plan;
+pub mod telemetry;
 pub mod tls;

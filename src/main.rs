@@ -5,7 +5,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "azp-autoscaler", version, about = "Scale-to-zero, run-once Azure DevOps agents on Kubernetes")]
+#[command(
+    name = "azp-autoscaler",
+    version,
+    about = "Scale-to-zero, run-once Azure DevOps agents on Kubernetes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -15,12 +19,29 @@ struct Cli {
 enum Command {
     /// The agent container entrypoint: get a token, register the agent, run one job, deregister.
     Agent(azp_autoscaler::agent::AgentArgs),
+    /// Print the AgentPool CustomResourceDefinition (YAML), as the Helm chart ships it.
+    Crd,
 }
 
 fn main() -> ExitCode {
     azp_autoscaler::tls::install_crypto_provider();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    if let Command::Crd = cli.command {
+        return match azp_autoscaler::k8s::crd::crd_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("azp-autoscaler crd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("azp-autoscaler: cannot start the async runtime: {e}");
@@ -30,6 +51,7 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::Agent(args) => azp_autoscaler::agent::entrypoint(args).await,
+            Command::Crd => unreachable!("handled before the runtime starts"),
         }
     })
 }

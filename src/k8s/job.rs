@@ -1,0 +1,395 @@
+//! Building one agent Job from an AgentPool's template (pure: no IO).
+//!
+//! Every agent Job: `restartPolicy: Never`, `backoffLimit: 0` (a run-once agent is never restarted in place:
+//! the planner decides on a replacement), the AgentPool's TTL, labels to find it, annotations recording the
+//! request it was created for, `terminationGracePeriodSeconds` ≥ 90 unless the template sets one (the agent
+//! needs up to 30 s to cancel its job, then a token exchange and deregistration), and the settings the
+//! entrypoint reads (`AZP_*`), including the AgentPool's capabilities so the live agent advertises exactly
+//! what routing assumed.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{EnvVar, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::Resource;
+
+use super::crd::AgentPool;
+
+/// Label on every object we create: who manages it.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "azp-autoscaler");
+/// Label naming the AgentPool an agent Job belongs to.
+pub const LABEL_AGENTPOOL: &str = "azp-autoscaler.dev/agentpool";
+/// Annotation: the ADO request id this agent Job was created for (absent for standby agents).
+pub const ANNOTATION_REQUEST: &str = "azp-autoscaler.dev/request-id";
+/// Annotation: the attempt number for that request.
+pub const ANNOTATION_ATTEMPT: &str = "azp-autoscaler.dev/attempt";
+/// Annotation: the agent's name in ADO.
+pub const ANNOTATION_AGENT_NAME: &str = "azp-autoscaler.dev/agent-name";
+/// Annotation: the ADO pool.
+pub const ANNOTATION_ADO_POOL: &str = "azp-autoscaler.dev/ado-pool";
+/// Default grace period when the template sets none.
+pub const DEFAULT_GRACE_SECONDS: i64 = 90;
+
+/// Env var names the entrypoint reads (set by the controller on the agent container).
+pub mod env {
+    pub const URL: &str = "AZP_URL";
+    pub const POOL: &str = "AZP_POOL";
+    pub const AGENT_NAME: &str = "AZP_AGENT_NAME";
+    /// JSON object of capability name → value; the entrypoint exports each to the agent's environment,
+    /// which the agent reports as capabilities.
+    pub const CAPABILITIES: &str = "AZP_CAPABILITIES";
+    /// Client id override for workload identity.
+    pub const CLIENT_ID: &str = "AZURE_CLIENT_ID";
+}
+
+/// The capability that marks an agent as ours: `<cluster id>/<namespace>/<agentpool>`.
+pub const OWNER_CAPABILITY: &str = "azp-autoscaler.owner";
+
+/// What is needed to build one agent Job, besides the AgentPool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentJob<'a> {
+    /// Deterministic Job name (from the planner).
+    pub job_name: &'a str,
+    /// Agent name in ADO, unique across clusters and namespaces.
+    pub agent_name: &'a str,
+    /// The request it is created for (None: standby).
+    pub request_id: Option<i64>,
+    /// Attempt number for that request (1 for the first).
+    pub attempt: u32,
+    /// This controller's cluster identity (for the owner capability).
+    pub cluster_id: &'a str,
+}
+
+/// A template the controller cannot turn into a Job; the message names the field and the fix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BuildError {
+    #[error(
+        "spec.template.spec.containers has no container named {0:?} (spec.agentContainer): name the agent container {0:?} or set spec.agentContainer"
+    )]
+    NoAgentContainer(String),
+    #[error("spec.template.spec is missing: give the Pod template a spec with the agent container")]
+    NoPodSpec,
+    #[error("the AgentPool has no namespace or name (is it a stored object?)")]
+    NoIdentity,
+}
+
+impl BuildError {
+    /// A stable label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            BuildError::NoAgentContainer(_) => "template_no_agent_container",
+            BuildError::NoPodSpec => "template_no_pod_spec",
+            BuildError::NoIdentity => "agentpool_no_identity",
+        }
+    }
+}
+
+/// The owner capability value of an AgentPool's agents.
+pub fn owner_tag(cluster_id: &str, namespace: &str, agentpool: &str) -> String {
+    format!("{cluster_id}/{namespace}/{agentpool}")
+}
+
+/// Checks that a Job can be built from the AgentPool's template (used for status before any creation).
+pub fn validate_template(pool: &AgentPool) -> Result<(), BuildError> {
+    let spec = pool
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .ok_or(BuildError::NoPodSpec)?;
+    if spec
+        .containers
+        .iter()
+        .any(|c| c.name == pool.spec.agent_container)
+    {
+        Ok(())
+    } else {
+        Err(BuildError::NoAgentContainer(
+            pool.spec.agent_container.clone(),
+        ))
+    }
+}
+
+/// Builds the agent Job.
+pub fn build(pool: &AgentPool, job: &AgentJob<'_>) -> Result<Job, BuildError> {
+    validate_template(pool)?;
+    let namespace = pool
+        .metadata
+        .namespace
+        .clone()
+        .ok_or(BuildError::NoIdentity)?;
+    let pool_name = pool.metadata.name.clone().ok_or(BuildError::NoIdentity)?;
+    let spec = &pool.spec;
+
+    let labels = BTreeMap::from([
+        (MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned()),
+        (LABEL_AGENTPOOL.to_owned(), pool_name.clone()),
+        ("app.kubernetes.io/name".to_owned(), "azp-agent".to_owned()),
+    ]);
+    let mut annotations = BTreeMap::from([
+        (ANNOTATION_AGENT_NAME.to_owned(), job.agent_name.to_owned()),
+        (ANNOTATION_ATTEMPT.to_owned(), job.attempt.to_string()),
+        (ANNOTATION_ADO_POOL.to_owned(), spec.pool.clone()),
+    ]);
+    if let Some(id) = job.request_id {
+        annotations.insert(ANNOTATION_REQUEST.to_owned(), id.to_string());
+    }
+
+    let mut template: PodTemplateSpec = spec.template.clone();
+    let meta = template.metadata.get_or_insert_with(ObjectMeta::default);
+    let pod_labels = meta.labels.get_or_insert_with(BTreeMap::new);
+    pod_labels.extend(labels.clone());
+    if spec.auth.workload_identity.is_some() {
+        pod_labels.insert("azure.workload.identity/use".to_owned(), "true".to_owned());
+    }
+    let pod_annotations = meta.annotations.get_or_insert_with(BTreeMap::new);
+    pod_annotations.extend(annotations.clone());
+    // A pod running a pipeline job must not be moved by the cluster autoscaler: the job would be lost.
+    pod_annotations.insert(
+        "cluster-autoscaler.kubernetes.io/safe-to-evict".to_owned(),
+        "false".to_owned(),
+    );
+
+    let pod = template.spec.as_mut().ok_or(BuildError::NoPodSpec)?;
+    pod.restart_policy = Some("Never".to_owned());
+    if pod.termination_grace_period_seconds.is_none() {
+        pod.termination_grace_period_seconds = Some(DEFAULT_GRACE_SECONDS);
+    }
+    let container = pod
+        .containers
+        .iter_mut()
+        .find(|c| c.name == spec.agent_container)
+        .ok_or_else(|| BuildError::NoAgentContainer(spec.agent_container.clone()))?;
+    let mut capabilities = spec.capabilities.clone();
+    capabilities.insert(
+        OWNER_CAPABILITY.to_owned(),
+        owner_tag(job.cluster_id, &namespace, &pool_name),
+    );
+    let ours = [
+        (env::URL, spec.organization.clone()),
+        (env::POOL, spec.pool.clone()),
+        (env::AGENT_NAME, job.agent_name.to_owned()),
+        (
+            env::CAPABILITIES,
+            serde_json::to_string(&capabilities).unwrap_or_else(|_| "{}".to_owned()),
+        ),
+    ];
+    let envs = container.env.get_or_insert_with(Vec::new);
+    envs.retain(|e| !ours.iter().any(|(name, _)| e.name == *name));
+    envs.extend(ours.into_iter().map(|(name, value)| EnvVar {
+        name: name.to_owned(),
+        value: Some(value),
+        value_from: None,
+    }));
+    if let Some(client_id) = spec
+        .auth
+        .workload_identity
+        .as_ref()
+        .and_then(|w| w.client_id.clone())
+    {
+        envs.retain(|e| e.name != env::CLIENT_ID);
+        envs.push(EnvVar {
+            name: env::CLIENT_ID.to_owned(),
+            value: Some(client_id),
+            value_from: None,
+        });
+    }
+
+    Ok(Job {
+        metadata: ObjectMeta {
+            name: Some(job.job_name.to_owned()),
+            namespace: Some(namespace),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            owner_references: owner_reference(pool).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(0),
+            ttl_seconds_after_finished: Some(
+                i32::try_from(spec.ttl_seconds_after_finished).unwrap_or(i32::MAX),
+            ),
+            template,
+            ..JobSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// The AgentPool as owner of its Jobs. Not a blocking owner: the AgentPool's finalizer drains busy agents
+/// before the AgentPool (and then its Jobs) may go.
+fn owner_reference(pool: &AgentPool) -> Option<OwnerReference> {
+    let mut owner = pool.controller_owner_ref(&())?;
+    owner.block_owner_deletion = Some(false);
+    Some(owner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::crd::{AgentPoolAuth, AgentPoolSpec, WorkloadIdentityAuth};
+    use k8s_openapi::api::core::v1::{Container, PodSpec};
+
+    fn pool(container: &str) -> AgentPool {
+        let mut p = AgentPool::new(
+            "linux",
+            AgentPoolSpec {
+                organization: "https://dev.azure.com/contoso".into(),
+                pool: "Default".into(),
+                auth: AgentPoolAuth {
+                    workload_identity: Some(WorkloadIdentityAuth {
+                        client_id: Some("11111111-2222-3333-4444-555555555555".into()),
+                    }),
+                    pat: None,
+                },
+                capabilities: BTreeMap::from([("docker".into(), "true".into())]),
+                agent_version: "4.261.0".into(),
+                min_idle: 0,
+                max_agents: 5,
+                priority: 0,
+                paused: false,
+                poll_interval_seconds: 5,
+                startup_timeout_seconds: 600,
+                ttl_seconds_after_finished: 300,
+                agent_container: "agent".into(),
+                template: PodTemplateSpec {
+                    metadata: None,
+                    spec: Some(PodSpec {
+                        containers: vec![Container {
+                            name: container.into(),
+                            image: Some("example.azurecr.io/azp-agent:4.261.0".into()),
+                            env: Some(vec![EnvVar {
+                                name: "AZP_POOL".into(),
+                                value: Some("user-set-is-overridden".into()),
+                                value_from: None,
+                            }]),
+                            ..Container::default()
+                        }],
+                        restart_policy: Some("Always".into()),
+                        ..PodSpec::default()
+                    }),
+                },
+            },
+        );
+        p.metadata.namespace = Some("ci".into());
+        p.metadata.uid = Some("uid-1".into());
+        p
+    }
+
+    fn job() -> AgentJob<'static> {
+        AgentJob {
+            job_name: "linux-r42-a1",
+            agent_name: "linux-r42-a1-0a1b2c3d",
+            request_id: Some(42),
+            attempt: 1,
+            cluster_id: "cluster-a",
+        }
+    }
+
+    fn env_of(j: &Job, name: &str) -> Option<String> {
+        let pod = j.spec.as_ref()?.template.spec.as_ref()?;
+        pod.containers[0]
+            .env
+            .as_ref()?
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    }
+
+    #[test]
+    fn builds_a_run_once_job_with_the_controller_settings() {
+        let j = build(&pool("agent"), &job()).unwrap();
+        let spec = j.spec.as_ref().unwrap();
+        assert_eq!(spec.backoff_limit, Some(0));
+        assert_eq!(spec.ttl_seconds_after_finished, Some(300));
+        let pod = spec.template.spec.as_ref().unwrap();
+        assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(pod.termination_grace_period_seconds, Some(90));
+        assert_eq!(env_of(&j, "AZP_POOL").as_deref(), Some("Default"));
+        assert_eq!(
+            env_of(&j, "AZP_URL").as_deref(),
+            Some("https://dev.azure.com/contoso")
+        );
+        assert_eq!(
+            env_of(&j, "AZP_AGENT_NAME").as_deref(),
+            Some("linux-r42-a1-0a1b2c3d")
+        );
+        assert_eq!(
+            env_of(&j, "AZURE_CLIENT_ID").as_deref(),
+            Some("11111111-2222-3333-4444-555555555555")
+        );
+        let caps: BTreeMap<String, String> =
+            serde_json::from_str(&env_of(&j, "AZP_CAPABILITIES").unwrap()).unwrap();
+        assert_eq!(caps.get("docker").map(String::as_str), Some("true"));
+        assert_eq!(
+            caps.get(OWNER_CAPABILITY).map(String::as_str),
+            Some("cluster-a/ci/linux")
+        );
+        let ann = j.metadata.annotations.as_ref().unwrap();
+        assert_eq!(ann.get(ANNOTATION_REQUEST).map(String::as_str), Some("42"));
+        let pod_meta = spec.template.metadata.as_ref().unwrap();
+        assert_eq!(
+            pod_meta
+                .labels
+                .as_ref()
+                .unwrap()
+                .get("azure.workload.identity/use")
+                .map(String::as_str),
+            Some("true")
+        );
+        assert_eq!(
+            pod_meta
+                .annotations
+                .as_ref()
+                .unwrap()
+                .get("cluster-autoscaler.kubernetes.io/safe-to-evict")
+                .map(String::as_str),
+            Some("false")
+        );
+        let owner = &j.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(owner.kind, "AgentPool");
+        assert_eq!(owner.block_owner_deletion, Some(false));
+    }
+
+    #[test]
+    fn standby_job_records_no_request() {
+        let mut standby = job();
+        standby.request_id = None;
+        let j = build(&pool("agent"), &standby).unwrap();
+        assert!(
+            !j.metadata
+                .annotations
+                .unwrap()
+                .contains_key(ANNOTATION_REQUEST)
+        );
+    }
+
+    #[test]
+    fn missing_agent_container_names_the_field() {
+        let err = build(&pool("sidecar"), &job()).unwrap_err();
+        assert_eq!(err, BuildError::NoAgentContainer("agent".into()));
+        assert!(err.to_string().contains("spec.agentContainer"));
+    }
+
+    #[test]
+    fn template_grace_period_is_kept() {
+        let mut p = pool("agent");
+        p.spec
+            .template
+            .spec
+            .as_mut()
+            .unwrap()
+            .termination_grace_period_seconds = Some(300);
+        let j = build(&p, &job()).unwrap();
+        assert_eq!(
+            j.spec
+                .unwrap()
+                .template
+                .spec
+                .unwrap()
+                .termination_grace_period_seconds,
+            Some(300)
+        );
+    }
+}
