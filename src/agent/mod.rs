@@ -1,12 +1,213 @@
-//! The agent container entrypoint: token → register → run one job → deregister.
+//! The agent container entrypoint, `azp-autoscaler agent`: token → register → run one job → deregister.
+//!
+//! It replaces the `start.sh` + `az` CLI of the published guides, and differs from it on each point:
+//!
+//! 1. **Settings** come from flags or the environment the controller sets (`AZP_URL`, `AZP_POOL`,
+//!    `AZP_AGENT_NAME`, `AZP_WORK`, `AZP_AGENT_DIR` defaulting to the working directory, …, see
+//!    [`AgentArgs`]); every missing or malformed one is reported in one message (exit 10).
+//! 2. **Token**: an Entra token for Azure DevOps through the pod's workload identity (the federated token
+//!    file re-read at every exchange), or with `AZP_AUTH=pat` a PAT read from `AZP_PAT_FILE` (Azure DevOps
+//!    Server). No PAT is needed in Azure DevOps Services, and no `az` CLI is in the image.
+//! 3. **Registration**: `config.sh --unattended --url … --auth pat --pool … --agent … --replace --work …`
+//!    with the token only in `VSTS_AGENT_INPUT_TOKEN` (never argv, never logged; its output is forwarded
+//!    with the token masked). Exit code 2 (the agent's "retryable error") and transient token failures
+//!    are retried with exponential backoff within `AZP_REGISTER_TIMEOUT_SECONDS`; exit code 1 is not
+//!    retried, and the entrypoint explains it by checking the pool itself (pool missing, `TF401444`, 403).
+//! 4. **Listener**: `bin/Agent.Listener run --once`, started directly (not through the `run.sh` bash
+//!    wrapper, which does not pass SIGTERM on), as a child in its own process group. SIGTERM/SIGINT are
+//!    forwarded to it; it then cancels its job and reports the result (the official listener waits up to
+//!    30 s for that). It gets `AZP_LISTENER_GRACE_SECONDS` (default 45) before its whole group is killed.
+//! 5. **Deregistration** with a **freshly acquired** token, so a job longer than the first token's
+//!    lifetime still ends with the agent removed: `config.sh remove`, falling back to the REST delete by
+//!    the agent id read from `.agent` after registration (a 404 means already gone, which is success),
+//!    retried within `AZP_DEREGISTER_TIMEOUT_SECONDS` (default 30), on every exit path after a
+//!    registration may have happened. When the listener stops on its own before taking a job, the REST
+//!    delete goes first: its 404 tells "the controller removed the idle agent" (exit 0) apart from "the
+//!    listener failed" (exit 13).
+//! 6. **Exit codes** tell the truth: see [`Exit`] for the table (0 job ran and agent removed, or removed
+//!    while idle; 10 settings; 11 token; 12 registration; 13 agent; 14 job interrupted by SIGTERM;
+//!    15 agent left behind; 20–22 the pipeline job's result with `--exit-with-job-result`). The job's
+//!    result is read from the listener's console line `Job <name> completed with result: <Result>` (the
+//!    official agent prints it; its own exit code is 0 whatever the job's result).
+//! 7. **Environment hygiene**: the agent's processes do not get `AZURE_*`, `AZP_*`, `VSTS_AGENT_INPUT_*`
+//!    or the token at all (see [`env`]); `agent.disableupdate=true` stops self-update (the agent is baked
+//!    into the image). Limit: the federated token *file* stays readable by job steps in this design.
+//!
+//! # Pod termination budget
+//!
+//! After Kubernetes sends SIGTERM, the entrypoint needs up to `AZP_LISTENER_GRACE_SECONDS` for the listener
+//! to cancel its job and exit, then up to `AZP_DEREGISTER_TIMEOUT_SECONDS` to deregister. The pod's
+//! `terminationGracePeriodSeconds` must exceed their sum plus a margin (defaults: 45 + 30 → at least 90),
+//! otherwise the kubelet's SIGKILL can land before deregistration and leave an offline agent behind (the
+//! controller's cleanup then removes it).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// Settings of `azp-autoscaler agent` (from flags or the environment the controller sets).
-#[derive(Debug, Clone, clap::Args)]
-pub struct AgentArgs {}
+pub mod agent_file;
+pub mod backend;
+pub mod env;
+pub mod exit;
+pub mod ops;
+pub mod process;
+pub mod run;
+pub mod settings;
+pub mod signals;
 
-/// Runs the entrypoint to completion and returns the process exit code.
-pub async fn entrypoint(_args: AgentArgs) -> ExitCode {
-    ExitCode::from(1)
+pub use exit::{Exit, JobResult, Outcome};
+pub use ops::{AdoOps, AgentRef, OpsError, OpsKind, Removal, Secret};
+pub use run::{Backoff, Runner};
+pub use settings::{AuthMode, Settings, SettingsError};
+pub use signals::Termination;
+
+use crate::ado::{AdoClient, TokenSource};
+
+/// Settings of `azp-autoscaler agent` (from flags or the environment the controller sets).
+///
+/// Every value is read as text and validated by [`Settings::resolve`], so that one message lists every
+/// problem (clap would stop at the first).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AgentArgs {
+    /// Organization URL, e.g. https://dev.azure.com/contoso (or an Azure DevOps Server collection URL).
+    #[arg(long, env = "AZP_URL", hide_env_values = true)]
+    pub url: Option<String>,
+
+    /// ADO agent pool name.
+    #[arg(long, env = "AZP_POOL", hide_env_values = true)]
+    pub pool: Option<String>,
+
+    /// Agent name: unique across clusters (the controller sets it).
+    #[arg(long, env = "AZP_AGENT_NAME", hide_env_values = true)]
+    pub agent_name: Option<String>,
+
+    /// Work folder for config.sh --work (relative: inside the agent folder) [default: _work].
+    #[arg(long, env = "AZP_WORK", hide_env_values = true)]
+    pub work: Option<String>,
+
+    /// Folder the official agent was unpacked into [default: the working directory].
+    #[arg(long, env = "AZP_AGENT_DIR", hide_env_values = true)]
+    pub agent_dir: Option<String>,
+
+    /// `workload-identity` (default) or `pat` (Azure DevOps Server; needs --pat-file).
+    #[arg(long, env = "AZP_AUTH", hide_env_values = true)]
+    pub auth: Option<String>,
+
+    /// File holding a PAT (only with --auth pat).
+    #[arg(long, env = "AZP_PAT_FILE", hide_env_values = true)]
+    pub pat_file: Option<String>,
+
+    /// Exit with the pipeline job's result (20 failed, 21 canceled, 22 other) instead of 0.
+    #[arg(
+        long,
+        env = "AZP_EXIT_WITH_JOB_RESULT",
+        hide_env_values = true,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub exit_with_job_result: Option<String>,
+
+    /// Seconds registration may take, retries included [default: 300].
+    #[arg(
+        long,
+        env = "AZP_REGISTER_TIMEOUT_SECONDS",
+        hide_env_values = true,
+        value_name = "SECONDS"
+    )]
+    pub register_timeout: Option<String>,
+
+    /// Seconds the listener gets to cancel its job after SIGTERM before it is killed [default: 45].
+    #[arg(
+        long,
+        env = "AZP_LISTENER_GRACE_SECONDS",
+        hide_env_values = true,
+        value_name = "SECONDS"
+    )]
+    pub listener_grace: Option<String>,
+
+    /// Seconds deregistration may take, retries included [default: 30].
+    #[arg(
+        long,
+        env = "AZP_DEREGISTER_TIMEOUT_SECONDS",
+        hide_env_values = true,
+        value_name = "SECONDS"
+    )]
+    pub deregister_timeout: Option<String>,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AZP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Runs the entrypoint to completion and returns the process exit code (see [`Exit`]).
+pub async fn entrypoint(args: AgentArgs) -> ExitCode {
+    init_logging();
+    // First, so that a SIGTERM arriving during start-up is not lost.
+    let term = match Termination::install() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!("cannot install the SIGTERM/SIGINT handlers: {e}");
+            return ExitCode::from(Exit::Agent.code());
+        }
+    };
+    let exit = run(args, term).await;
+    tracing::info!(
+        exit_code = exit.code(),
+        outcome = exit.label(),
+        "agent entrypoint done"
+    );
+    ExitCode::from(exit.code())
+}
+
+async fn run(args: AgentArgs, term: Termination) -> Exit {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    let settings = match Settings::resolve(&args, &cwd) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(label = e.metric_label(), "{e}");
+            return Exit::Config;
+        }
+    };
+    let tokens = match &settings.auth {
+        AuthMode::WorkloadIdentity => match TokenSource::workload_identity_from_env(None) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(
+                    label = e.metric_label(),
+                    "cannot set up workload identity: {e}"
+                );
+                return Exit::Token;
+            }
+        },
+        AuthMode::PatFile(path) => TokenSource::pat_file(path.clone()),
+    };
+    let client = match AdoClient::new(settings.url.as_str(), tokens.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(
+                label = e.metric_label(),
+                "cannot set up the Azure DevOps client: {e}"
+            );
+            return Exit::Config;
+        }
+    };
+    let backend = backend::AdoBackend::new(tokens, client);
+    tracing::info!(
+        url = %settings.url,
+        pool = %settings.pool,
+        agent = %settings.agent_name,
+        agent_dir = %settings.agent_dir.display(),
+        "agent entrypoint starting"
+    );
+    let child_env = env::child_env(std::env::vars_os());
+    Runner::new(&settings, &backend, term, child_env)
+        .run()
+        .await
+        .exit()
 }
