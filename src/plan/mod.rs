@@ -1,1 +1,86 @@
-//! The planner: every scaling decision as a pure function. No IO, no clocks (time is an input), no Kubernetes client types.
+//! The planner: every scaling decision as a pure function. No IO, no clocks (time is an input), no
+//! Kubernetes client types, no ADO wire types: the controller converts what it read into the plain
+//! types of [`model`], calls [`plan`], and applies the [`Plan`]'s actions; the `plan` command prints
+//! [`report`]. One call plans one ADO pool, over every AgentPool that shares it.
+//!
+//! # Rules
+//!
+//! **Demand.** A request is *pending* when it has no `result`, no `assignTime`, no
+//! `reservedAgent`, no `receiveTime` (and no `finishTime`). Pending requests are taken in queue
+//! order (`queueTime`, then id). However many there are, all are counted.
+//!
+//! - *Parallel jobs*: when usage is known, the free slots (`total − used`) go to pending requests
+//!   in queue order (requests listed as slot holders keep theirs); the rest are **capped
+//!   (parallel jobs)**: ADO would not run them even with an agent.
+//! - *Demands* are parsed and matched with ADO's semantics ([`demand`]). A request with a demand
+//!   that does not parse, or whose demands no AgentPool's capabilities (plus `Agent.Version` = the
+//!   AgentPool's agent version) satisfy, is **unservable**, with the reason quoted.
+//!
+//! **Supply.** Our agents that hold no request: an unfinished agent Job whose agent name is in no
+//! request's `reservedAgent` and no agent's `assignedRequest`. Starting agents count. Agents that
+//! are disabled in ADO or stuck (not registered within the startup timeout plus a backoff) are not
+//! supply. A busy agent (holding a request) is never supply and never removed, so running jobs
+//! never reduce the agents created for other requests (KEDA #7878), and a request that ADO has
+//! already given to an agent is not pending, so it gets no further agent (KEDA #7747).
+//!
+//! **Matching.** Each pending request first keeps the unclaimed agent started for it; the other
+//! requests are matched to the remaining unclaimed agents of any AgentPool that can serve them, as
+//! a maximum matching over the whole ADO pool (ADO decides which agent takes which request; an
+//! agent started for R may well take S). Only the requests left over get new agents.
+//!
+//! **Routing.** A left-over request goes to the first AgentPool, by priority, whose capabilities
+//! satisfy *all* its demands and that has room; an AgentPool that is paused, at `maxAgents`
+//! (unfinished Jobs, whatever their state) or backing off after failed starts is skipped (spill
+//! over). Priority: the **higher number wins**; equal priorities go by `namespace/name`
+//! ascending. When no AgentPool has room the request is **capped**, with each AgentPool's reason.
+//!
+//! **Naming** ([`names`]). A request's Job is `<agentpool>-<requestId>-<attempt>`, attempt = 1 +
+//! the highest attempt of any Job known for that request (so a request whose first agent took
+//! another request gets attempt 2). A request never gets a second unfinished Job while its first
+//! one holds no request. Standby Jobs are `<agentpool>-standby-<n>`, the smallest free `n`.
+//!
+//! **Standby and surplus.** Each AgentPool keeps `minIdle` unclaimed agents beyond what the
+//! pending requests are matched to: standby slots are matched after every request, so a standby
+//! that is about to take a request is replaced at once. Unclaimed agents beyond pending + `minIdle`
+//! are removed (**RemoveIdleAgent**), registered ones first, oldest first; that global count is
+//! the only source of removals (never "the request that triggered me finished"). A paused
+//! AgentPool creates and removes nothing.
+//!
+//! **Stuck agents.** An agent Job not registered `startupTimeout + backoff(failures)` after its
+//! creation is replaced (**ReplaceStuckAgent**); its request gets a new Job in the next poll, once
+//! the stuck one is gone. After `failures` consecutive failed starts of an AgentPool, a request's
+//! next attempt there waits [`startup_backoff`]`(failures)` after its previous attempt.
+//!
+//! Actions are ordered: replacements, removals, creations for requests (queue order), standbys.
+
+pub mod demand;
+pub mod model;
+pub mod names;
+pub mod output;
+mod planner;
+pub mod report;
+
+#[cfg(test)]
+mod tests;
+
+pub use demand::{Capabilities, Demand, DemandParseError};
+pub use model::{
+    AdoSnapshot, Agent, AgentId, AgentJob, AgentPoolSpec, AgentRef, AgentStatus, ClusterSnapshot,
+    JobPhase, JobRequest, ParallelJobUsage, PoolRef, RequestId,
+};
+pub use output::{Action, AgentCounts, Blocked, Plan, PoolSummary};
+pub use planner::{BACKOFF_BASE, BACKOFF_MAX, startup_backoff};
+pub use report::{PlanReport, PoolReport, report};
+
+use jiff::Timestamp;
+
+/// Plans one ADO pool: what to create, remove and replace, and why. `specs` are the AgentPools
+/// that use this ADO pool (valid ones only); `now` is the time of the snapshots.
+pub fn plan(
+    ado: &AdoSnapshot,
+    cluster: &ClusterSnapshot,
+    specs: &[AgentPoolSpec],
+    now: Timestamp,
+) -> Plan {
+    planner::plan(ado, cluster, specs, now)
+}
