@@ -1,1 +1,85 @@
-fn main() {}
+//! `azp-testbed`: one binary, dispatched busybox-style (see tests/testbed/README.md).
+//!
+//! - invoked as `Agent.Listener` (the stand-in agent's `bin/Agent.Listener` symlink): the stand-in listener;
+//! - `azp-testbed standin-layout DIR [--listener PATH]`: lay out a stand-in agent install folder;
+//! - `azp-testbed sim …`: the ADO + Entra simulator; `azp-testbed node …`: the node harness.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: azp-testbed <sim|node|standin-layout DIR [--listener PATH]> …
+(invoked as Agent.Listener it is the stand-in agent's listener)";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args();
+    let argv0 = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.collect();
+    let invoked_as = Path::new(&argv0)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if invoked_as == "Agent.Listener" {
+        return exit(azp_testbed::standin::listener_main(rest));
+    }
+    let Some((command, tail)) = rest.split_first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    match command.as_str() {
+        "standin-layout" => standin_layout(tail),
+        // Hidden: the stand-in's probe "job step".
+        "standin-step" => exit(azp_testbed::standin::probe_step_main()),
+        "sim" | "node" => {
+            eprintln!("azp-testbed {command}: not wired in this build yet");
+            ExitCode::from(2)
+        }
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        other => {
+            eprintln!("azp-testbed: unknown command '{other}'\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn standin_layout(args: &[String]) -> ExitCode {
+    let mut dir = None;
+    let mut listener: Option<PathBuf> = None;
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        match arg.as_str() {
+            "--listener" => match iter.next() {
+                Some(p) => listener = Some(PathBuf::from(p)),
+                None => {
+                    eprintln!("--listener needs the path of the azp-testbed binary");
+                    return ExitCode::from(2);
+                }
+            },
+            other if dir.is_none() => dir = Some(PathBuf::from(other)),
+            other => {
+                eprintln!("standin-layout: unexpected argument '{other}'\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Some(dir) = dir else {
+        eprintln!("standin-layout: missing DIR (the agent install folder to create)\n{USAGE}");
+        return ExitCode::from(2);
+    };
+    match azp_testbed::standin::layout(&dir, listener.as_deref()) {
+        Ok(dir) => {
+            println!("{}", dir.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("standin-layout: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
