@@ -380,7 +380,7 @@ async fn listen(listener: Arc<Listener>, once: bool, mut shutdown: watch::Receiv
         Ok(id) => id,
         Err(exit) => return exit,
     };
-    println!("Listening for Jobs");
+    println!("{}: Listening for Jobs", console_time());
 
     let mut last_message_id: Option<u64> = None;
     let mut job: Option<RunningJob> = None;
@@ -614,11 +614,7 @@ fn start_job(listener: Arc<Listener>, job: JobMessage) -> RunningJob {
         json!({"requestId": job.request_id, "jobId": job.job_id, "jobDisplayName": job.display_name,
                "durationMs": job.duration.as_millis() as u64, "result": job.result, "probe": job.probe}),
     );
-    println!(
-        "{}: Running job: {}",
-        jiff::Timestamp::now(),
-        job.display_name
-    );
+    println!("{}: Running job: {}", console_time(), job.display_name);
     let job_id = job.job_id.clone();
     let handle = tokio::spawn(run_job(listener, job, cancel_rx));
     RunningJob {
@@ -730,9 +726,10 @@ async fn run_job(
         ),
     }
     println!(
-        "{}: Job {} completed with result: {result}",
-        jiff::Timestamp::now(),
-        job.display_name
+        "{}: Job {} completed with result: {}",
+        console_time(),
+        job.display_name,
+        task_result_name(&result)
     );
     result
 }
@@ -804,6 +801,26 @@ async fn probe(listener: &Listener) -> Result<ProbeReport, String> {
         argv: listener.ctx.argv.clone(),
         readable: step.readable,
     })
+}
+
+/// The agent's console time format (.NET `{0:u}`): `2026-11-26 13:00:09Z`.
+fn console_time() -> String {
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%d %H:%M:%SZ")
+        .to_string()
+}
+
+/// The `TaskResult` enum name the agent prints (`Succeeded`, `Failed`, `Canceled`, ...).
+fn task_result_name(result: &str) -> String {
+    match result.to_ascii_lowercase().as_str() {
+        "succeeded" => "Succeeded".into(),
+        "succeededwithissues" => "SucceededWithIssues".into(),
+        "failed" => "Failed".into(),
+        "canceled" | "cancelled" => "Canceled".into(),
+        "skipped" => "Skipped".into(),
+        "abandoned" => "Abandoned".into(),
+        _ => result.to_string(),
+    }
 }
 
 /// `CreateSessionAsync` with the agent's retry rules. `Err` carries the exit.
