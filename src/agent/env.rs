@@ -43,10 +43,14 @@ fn removed(name: &OsStr) -> bool {
     upper == IGNORE_VAR || REMOVED_PREFIXES.iter().any(|p| upper.starts_with(p))
 }
 
-/// The environment for the agent's processes, built from `parent` (normally `std::env::vars_os()`).
+/// The environment for the agent's processes, built from `parent` (normally `std::env::vars_os()`) and
+/// the capabilities to advertise (`AZP_CAPABILITIES`, validated by the settings: no reserved names).
 ///
 /// The result is the complete environment: spawn with `env_clear()` and then these.
-pub fn child_env<I>(parent: I) -> BTreeMap<OsString, OsString>
+pub fn child_env<I>(
+    parent: I,
+    capabilities: &BTreeMap<String, String>,
+) -> BTreeMap<OsString, OsString>
 where
     I: IntoIterator<Item = (OsString, OsString)>,
 {
@@ -65,6 +69,11 @@ where
         }
         if !removed(&name) {
             env.insert(name, value);
+        }
+    }
+    for (name, value) in capabilities {
+        if !removed(OsStr::new(name)) {
+            env.insert(OsString::from(name), OsString::from(value));
         }
     }
     let mut ignore: Vec<String> = pod_ignore;
@@ -121,6 +130,11 @@ mod tests {
         assert_eq!(env.get("PATH").map(String::as_str), Some("/usr/bin"));
         assert_eq!(env.get("JAVA_HOME").map(String::as_str), Some("/opt/java"));
         assert!(!env.values().any(|v| v == "secret"));
+        // The AgentPool's capabilities are exported for the agent to report.
+        assert_eq!(
+            env.get("azp-autoscaler.owner").map(String::as_str),
+            Some("cluster-a/ci/linux")
+        );
     }
 
     #[test]

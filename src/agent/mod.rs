@@ -51,6 +51,8 @@ pub mod exit;
 pub mod ops;
 pub mod process;
 pub mod run;
+#[cfg(test)]
+mod run_tests;
 pub mod settings;
 pub mod signals;
 
@@ -124,6 +126,16 @@ pub struct AgentArgs {
         value_name = "SECONDS"
     )]
     pub listener_grace: Option<String>,
+
+    /// JSON object of capability name → value, exported into the agent's environment (the controller sets
+    /// it from the AgentPool, so the agent advertises what routing assumed).
+    #[arg(
+        long,
+        env = "AZP_CAPABILITIES",
+        hide_env_values = true,
+        value_name = "JSON"
+    )]
+    pub capabilities: Option<String>,
 
     /// Seconds deregistration may take, retries included [default: 30].
     #[arg(
@@ -205,7 +217,7 @@ async fn run(args: AgentArgs, term: Termination) -> Exit {
         agent_dir = %settings.agent_dir.display(),
         "agent entrypoint starting"
     );
-    let child_env = env::child_env(std::env::vars_os());
+    let child_env = env::child_env(std::env::vars_os(), &settings.capabilities);
     Runner::new(&settings, &backend, term, child_env)
         .run()
         .await

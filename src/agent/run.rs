@@ -202,8 +202,9 @@ impl<'a, A: AdoOps> Runner<'a, A> {
     async fn token_or_stop(&mut self) -> Option<Result<Secret, OpsError>> {
         let ops = self.ops;
         tokio::select! {
-            t = ops.fresh_token() => Some(t),
+            biased;
             _ = self.term.wait() => None,
+            t = ops.fresh_token() => Some(t),
         }
     }
 
@@ -241,6 +242,9 @@ impl<'a, A: AdoOps> Runner<'a, A> {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
+            if self.term.requested().is_some() {
+                return Err(RegisterStop::Interrupted);
+            }
             let token = match self.token_or_stop().await {
                 None => return Err(RegisterStop::Interrupted),
                 Some(Ok(t)) => t,

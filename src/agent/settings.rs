@@ -1,5 +1,6 @@
 //! Settings of the entrypoint: flags, else the environment the controller sets, validated all at once.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -40,6 +41,9 @@ pub struct Settings {
     pub listener_grace: Duration,
     /// Total time deregistration may take, retries included.
     pub deregister_timeout: Duration,
+    /// Capabilities to advertise (`AZP_CAPABILITIES`): exported into the agent's environment, which the
+    /// agent reports as capabilities.
+    pub capabilities: BTreeMap<String, String>,
 }
 
 /// Default for [`Settings::register_timeout`].
@@ -119,6 +123,50 @@ fn parse_bool(value: &Option<String>, flag: &str, var: &str, problems: &mut Vec<
             false
         }
     }
+}
+
+/// Longest capability value the agent reports (it skips values of 1024 characters or more).
+const MAX_CAPABILITY_VALUE: usize = 1023;
+
+fn parse_capabilities(
+    value: &Option<String>,
+    problems: &mut Vec<String>,
+) -> BTreeMap<String, String> {
+    let Some(text) = present(value) else {
+        return BTreeMap::new();
+    };
+    let map: BTreeMap<String, String> = match serde_json::from_str(text) {
+        Ok(m) => m,
+        Err(e) => {
+            problems.push(format!(
+                "AZP_CAPABILITIES (or --capabilities) is not a JSON object of strings ({e}): give e.g. `{{\"docker\":\"true\"}}`"
+            ));
+            return BTreeMap::new();
+        }
+    };
+    for (name, value) in &map {
+        let upper = name.to_ascii_uppercase();
+        if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
+            problems.push(format!(
+                "AZP_CAPABILITIES has the capability `{}`: names must be non-empty without `=`, values without NUL",
+                name.escape_debug()
+            ));
+        } else if super::env::REMOVED_PREFIXES
+            .iter()
+            .any(|p| upper.starts_with(p))
+            || upper == super::env::IGNORE_VAR
+        {
+            problems.push(format!(
+                "AZP_CAPABILITIES has the capability `{name}`: names starting with AZURE_, AZP_ or VSTS_AGENT_INPUT_ (and VSO_AGENT_IGNORE) are reserved; rename it"
+            ));
+        } else if value.chars().count() > MAX_CAPABILITY_VALUE {
+            problems.push(format!(
+                "AZP_CAPABILITIES has the capability `{name}` with a value of {} characters: the agent ignores values of 1024 characters or more",
+                value.chars().count()
+            ));
+        }
+    }
+    map
 }
 
 impl Settings {
@@ -272,6 +320,8 @@ impl Settings {
             &mut problems,
         );
 
+        let capabilities = parse_capabilities(&args.capabilities, &mut problems);
+
         match (url, pool, agent_name, auth) {
             (Some(url), Some(pool), Some(agent_name), Some(auth)) if problems.is_empty() => {
                 Ok(Settings {
@@ -285,6 +335,7 @@ impl Settings {
                     register_timeout,
                     listener_grace,
                     deregister_timeout,
+                    capabilities,
                 })
             }
             _ => Err(SettingsError { problems }),
@@ -405,6 +456,33 @@ mod tests {
             ..args()
         };
         assert!(Settings::resolve(&a, dir.path()).is_err());
+    }
+
+    #[test]
+    fn capabilities_are_a_json_object_without_reserved_names() {
+        let dir = agent_dir();
+        let a = AgentArgs {
+            capabilities: Some(r#"{"docker":"true","azp-autoscaler.owner":"c/ns/p"}"#.into()),
+            ..args()
+        };
+        let s = Settings::resolve(&a, dir.path()).unwrap();
+        assert_eq!(
+            s.capabilities.get("docker").map(String::as_str),
+            Some("true")
+        );
+        for bad in [
+            r#"["docker"]"#,
+            r#"{"VSTS_AGENT_INPUT_TOKEN":"x"}"#,
+            r#"{"azure_client_id":"x"}"#,
+            r#"{"a=b":"x"}"#,
+        ] {
+            let a = AgentArgs {
+                capabilities: Some(bad.into()),
+                ..args()
+            };
+            let err = Settings::resolve(&a, dir.path()).unwrap_err();
+            assert!(err.to_string().contains("AZP_CAPABILITIES"), "{bad}: {err}");
+        }
     }
 
     /// A throw-away folder under the system temp dir.

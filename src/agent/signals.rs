@@ -43,11 +43,20 @@ impl Termination {
 
     /// A watcher that never fires (tests).
     pub fn never() -> Termination {
+        Self::manual().1
+    }
+
+    /// A watcher fired by hand (tests): send `Some(signal)` on the sender.
+    pub fn manual() -> (watch::Sender<Option<Signal>>, Termination) {
         let (tx, rx) = watch::channel(None);
-        Termination {
-            rx,
-            _tx: Some(std::sync::Arc::new(tx)),
-        }
+        let keep = tx.clone();
+        (
+            tx,
+            Termination {
+                rx,
+                _tx: Some(std::sync::Arc::new(keep)),
+            },
+        )
     }
 
     /// The signal received so far, if any.
