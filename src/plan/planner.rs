@@ -706,7 +706,8 @@ mod tests {
         assert_eq!(startup_backoff(1), SignedDuration::from_secs(30));
         assert_eq!(startup_backoff(2), SignedDuration::from_secs(60));
         assert_eq!(startup_backoff(4), SignedDuration::from_secs(240));
-        assert_eq!(startup_backoff(5), BACKOFF_MAX);
+        assert_eq!(startup_backoff(5), SignedDuration::from_secs(480));
+        assert_eq!(startup_backoff(6), BACKOFF_MAX);
         assert_eq!(startup_backoff(u32::MAX), BACKOFF_MAX);
     }
 
