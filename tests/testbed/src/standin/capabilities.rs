@@ -31,6 +31,7 @@ pub fn capabilities_from_env(env: &[(String, String)]) -> BTreeMap<String, Strin
     env.iter()
         .filter(|(name, value)| {
             !name.is_empty()
+                && !name.starts_with(super::KNOB_PREFIX)
                 && !ignored.contains(&name.as_str())
                 && value.chars().count() < IGNORE_VALUE_LENGTH
         })
@@ -110,6 +111,7 @@ mod tests {
             ("SHLVL", "1"),
             ("BIG", &long),
             ("term", "lower case is another name on Linux"),
+            ("STANDIN_CANCEL_DELAY_MS", "5"),
         ]);
         let caps = capabilities_from_env(&e);
         assert_eq!(caps.get("JAVA_HOME").map(String::as_str), Some("/opt/java"));
@@ -118,7 +120,14 @@ mod tests {
             "the agent reports the list itself"
         );
         assert!(caps.contains_key("term"));
-        for gone in ["AZP_TOKEN", "AZURE_CLIENT_ID", "TERM", "SHLVL", "BIG"] {
+        for gone in [
+            "AZP_TOKEN",
+            "AZURE_CLIENT_ID",
+            "TERM",
+            "SHLVL",
+            "BIG",
+            "STANDIN_CANCEL_DELAY_MS",
+        ] {
             assert!(!caps.contains_key(gone), "{gone} must be ignored: {caps:?}");
         }
     }

@@ -98,7 +98,7 @@ impl Client {
             http,
             org: org.trim_end_matches('/').to_string(),
             retries,
-            retry_backoff: ctx.knob_ms("AZP_STANDIN_HTTP_RETRY_BACKOFF_MS", 1000),
+            retry_backoff: ctx.knob_ms(super::ENV_HTTP_RETRY_BACKOFF_MS, 1000),
         })
     }
 

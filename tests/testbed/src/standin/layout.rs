@@ -143,6 +143,34 @@ pub fn layout(dir: &Path, listener: Option<&Path>) -> Result<PathBuf, StandinErr
     Ok(dir.to_owned())
 }
 
+/// Appends `KEY=VALUE` lines to the agent folder's `.env`, which the listener loads at start (as the real
+/// agent does). Use it for the stand-in's knobs (`STANDIN_*`) when an entrypoint under test clears the
+/// listener's environment.
+pub fn append_dot_env(dir: &Path, vars: &[(&str, &str)]) -> Result<(), StandinError> {
+    use std::io::Write;
+    let path = dir.join(".env");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| StandinError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+    for (key, value) in vars {
+        if key.is_empty() || key.contains('=') || key.contains('\n') || value.contains('\n') {
+            return Err(StandinError::Usage(format!(
+                ".env entry {key:?} must be a name without '=' or newlines and a one-line value"
+            )));
+        }
+        writeln!(file, "{key}={value}").map_err(|e| StandinError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +198,13 @@ mod tests {
             std::fs::read_link(dir.join("bin/Agent.Listener")).unwrap(),
             PathBuf::from("/bin/false")
         );
+        append_dot_env(&dir, &[("STANDIN_CANCEL_DELAY_MS", "5")]).expect("append");
+        append_dot_env(&dir, &[("B", "2")]).expect("append");
+        assert_eq!(
+            std::fs::read_to_string(dir.join(".env")).unwrap(),
+            "STANDIN_CANCEL_DELAY_MS=5\nB=2\n"
+        );
+        assert!(append_dot_env(&dir, &[("A=B", "x")]).is_err());
         std::fs::remove_dir_all(&dir).ok();
     }
 }

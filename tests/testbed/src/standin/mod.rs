@@ -19,9 +19,12 @@
 //! - Capabilities: every environment variable (minus the agent's well-known ignores, `VSO_AGENT_IGNORE`,
 //!   values of 1024 characters or more) plus `Agent.*` system capabilities.
 //!
-//! Knobs for tests (environment of the listener, none of them exists in the real agent):
-//! [`ENV_CANCEL_DELAY_MS`], [`ENV_EMPTY_POLL_DELAY_MS`], [`ENV_RETRY_INTERVAL_MS`], [`ENV_RENEW_INTERVAL_MS`].
-//! They are ignored as capabilities like the test bed's own variables.
+//! Knobs for tests (none of them exists in the real agent), read from the listener's environment or, as
+//! the real agent reads `.env`, from `KEY=VALUE` lines in the agent folder's `.env` (which survives an
+//! entrypoint that clears the listener's environment): [`ENV_CANCEL_DELAY_MS`],
+//! [`ENV_EMPTY_POLL_DELAY_MS`], [`ENV_RETRY_INTERVAL_MS`], [`ENV_RENEW_INTERVAL_MS`],
+//! [`ENV_HTTP_RETRY_BACKOFF_MS`]. Variables starting with [`KNOB_PREFIX`] are not reported as
+//! capabilities, so the stand-in's capabilities stay those the real agent would report.
 
 mod args;
 mod capabilities;
@@ -41,7 +44,7 @@ pub use capabilities::{WELL_KNOWN_IGNORED, capabilities_from_env};
 pub use diag::{DIAG_EVENTS_FILE, DiagEvent, read_events};
 pub use files::{AgentSettings, CredentialData, LISTENER_LOCK_FILE};
 pub use key::RsaParams;
-pub use layout::layout;
+pub use layout::{append_dot_env, layout};
 pub use run::{ProbeReport, probe_step_main};
 
 /// The agent version the stand-in reports (`Agent.Version` capability, `TaskAgent.version`, sessions).
@@ -58,17 +61,21 @@ pub mod return_code {
     pub const RETRYABLE_ERROR: i32 = 2;
 }
 
+/// Prefix of the stand-in's own knobs.
+pub const KNOB_PREFIX: &str = "STANDIN_";
+/// Base backoff, in ms, between the HTTP client's retries of transient failures (default 1000).
+pub const ENV_HTTP_RETRY_BACKOFF_MS: &str = "STANDIN_HTTP_RETRY_BACKOFF_MS";
 /// Delay, in ms, the stand-in's "job" takes to cancel after SIGTERM/SIGINT or a `JobCancellation` message
 /// (the real agent allows the job up to its cancel timeout; default here 200 ms). The job's
 /// `workload.cancelDelayMs` overrides it.
-pub const ENV_CANCEL_DELAY_MS: &str = "AZP_STANDIN_CANCEL_DELAY_MS";
+pub const ENV_CANCEL_DELAY_MS: &str = "STANDIN_CANCEL_DELAY_MS";
 /// Pause, in ms, after an empty long poll before polling again (real agent: random 5–15 s; default 5000).
-pub const ENV_EMPTY_POLL_DELAY_MS: &str = "AZP_STANDIN_EMPTY_POLL_DELAY_MS";
+pub const ENV_EMPTY_POLL_DELAY_MS: &str = "STANDIN_EMPTY_POLL_DELAY_MS";
 /// Interval, in ms, between retries of session creation and message polls after a retryable error
 /// (real agent: 30 s for sessions, 5–15 s random for polls; default here: the same as real, 30000).
-pub const ENV_RETRY_INTERVAL_MS: &str = "AZP_STANDIN_RETRY_INTERVAL_MS";
+pub const ENV_RETRY_INTERVAL_MS: &str = "STANDIN_RETRY_INTERVAL_MS";
 /// Interval, in ms, between job-request lock renewals while a job runs (real agent: 60 s).
-pub const ENV_RENEW_INTERVAL_MS: &str = "AZP_STANDIN_RENEW_INTERVAL_MS";
+pub const ENV_RENEW_INTERVAL_MS: &str = "STANDIN_RENEW_INTERVAL_MS";
 
 /// Errors of the stand-in agent. Messages say what went wrong and what to do, like the agent's own.
 #[derive(Debug, thiserror::Error)]
