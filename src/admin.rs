@@ -1,7 +1,6 @@
 //! The admin server: `/metrics` (OpenMetrics), `/healthz` (the process lives), `/readyz` (caches synced and
 //! the last poll of every ADO pool recent enough). No decisions here.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -64,13 +63,14 @@ async fn ready_handler(State(state): State<AdminState>) -> impl IntoResponse {
     }
 }
 
-/// Serves the admin router on `addr` until the process ends.
+/// Serves the admin router on a bound listener until the process ends.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     metrics: Metrics,
     readiness: Arc<Readiness>,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "admin server listening (/metrics, /healthz, /readyz)");
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "admin server listening (/metrics, /healthz, /readyz)");
+    }
     axum::serve(listener, router(metrics, readiness)).await
 }

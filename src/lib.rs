@@ -10,6 +10,8 @@
 pub mod admin;
 pub mod ado;
 pub mod agent;
+pub mod cli;
+pub mod controller;
 pub mod k8s;
 pub mod metrics;
 pub mod plan;

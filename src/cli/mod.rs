@@ -1,0 +1,3 @@
+//! Subcommands that are more than wiring: `plan`.
+
+pub mod plan;

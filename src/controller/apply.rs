@@ -1,0 +1,322 @@
+//! Carrying out a plan: creating agent Jobs (concurrently, idempotently) and removing agents that hold no
+//! request (disable → re-check → delete, re-enable if work arrived in between).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{DeleteParams, PostParams, PropagationPolicy};
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource};
+
+use super::{Context, snapshot};
+use crate::ado::{AdoClient, AgentQuery, AgentUpdate};
+use crate::k8s::crd::AgentPool;
+use crate::k8s::job::{self, AgentJob};
+use crate::metrics::{CleanupLabels, ErrorLabels, Phase, PoolLabels};
+use crate::plan::{self, Action};
+
+/// Applies every action of the plan. Errors are counted and logged per action; one failed action never
+/// stops the others.
+pub(crate) async fn apply(
+    ctx: &Context,
+    ado: &AdoClient,
+    pool_id: i32,
+    plan: &plan::Plan,
+    pools: &BTreeMap<plan::PoolRef, Arc<AgentPool>>,
+    ado_snapshot: &plan::AdoSnapshot,
+) {
+    let creates: Vec<Action> = plan
+        .actions
+        .iter()
+        .filter(|a| matches!(a, Action::CreateAgent { .. }))
+        .cloned()
+        .collect();
+    let queued: BTreeMap<plan::RequestId, Timestamp> = ado_snapshot
+        .requests
+        .iter()
+        .filter_map(|r| Some((r.id, r.queue_time?)))
+        .collect();
+    let queued = &queued;
+    let results: Vec<(plan::PoolRef, Result<bool, String>)> = futures::stream::iter(creates)
+        .map(|action: Action| async move {
+            let pool_ref = action.agent_pool().clone();
+            let result = match pools.get(&pool_ref) {
+                Some(pool) => create(ctx, pool, &action, &plan.ado_pool, queued).await,
+                None => Err(format!("AgentPool {pool_ref} vanished")),
+            };
+            (pool_ref, result)
+        })
+        .buffer_unordered(ctx.config.create_concurrency.max(1))
+        .collect()
+        .await;
+
+    let mut created: BTreeMap<plan::PoolRef, u32> = BTreeMap::new();
+    for (pool_ref, result) in results {
+        match result {
+            Ok(true) => *created.entry(pool_ref).or_default() += 1,
+            Ok(false) => {}
+            Err(message) => {
+                tracing::warn!(agentpool = %pool_ref, error = %message, "creating an agent Job failed");
+                ctx.metrics
+                    .reconcile_errors
+                    .get_or_create(&ErrorLabels {
+                        namespace: pool_ref.namespace.clone(),
+                        agentpool: pool_ref.name.clone(),
+                        error: "job_create",
+                    })
+                    .inc();
+            }
+        }
+    }
+    for (pool_ref, n) in created {
+        if let Some(pool) = pools.get(&pool_ref) {
+            let reasons: Vec<&str> = plan
+                .actions
+                .iter()
+                .filter(|a| a.agent_pool() == &pool_ref && matches!(a, Action::CreateAgent { .. }))
+                .map(Action::reason)
+                .take(5)
+                .collect();
+            publish(
+                ctx,
+                pool,
+                EventType::Normal,
+                "ScaledUp",
+                "CreateAgentJobs",
+                format!("created {n} agent Job(s): {}", reasons.join("; ")),
+            )
+            .await;
+        }
+    }
+
+    for action in &plan.actions {
+        match action {
+            Action::CreateAgent { .. } => {}
+            Action::RemoveIdleAgent {
+                agent_pool,
+                job_name,
+                agent_name,
+                agent_id,
+                reason,
+            } => {
+                let Some(agent_id) = agent_id.and_then(|id| i32::try_from(id).ok()) else {
+                    // Not registered yet: it cannot hold a request, but it could get one any moment.
+                    // Removed safely once it shows up in ADO.
+                    continue;
+                };
+                remove_idle(
+                    ctx, ado, pool_id, agent_pool, job_name, agent_name, agent_id, reason, pools,
+                )
+                .await;
+            }
+            Action::ReplaceStuckAgent {
+                agent_pool,
+                job_name,
+                agent_name,
+                agent_id,
+                reason,
+                ..
+            } => {
+                if let Some(id) = agent_id.and_then(|id| i32::try_from(id).ok()) {
+                    remove_idle(
+                        ctx, ado, pool_id, agent_pool, job_name, agent_name, id, reason, pools,
+                    )
+                    .await;
+                } else {
+                    delete_job(ctx, agent_pool, job_name).await;
+                    count_cleanup(ctx, agent_pool, "stuck_agent_replaced");
+                    if let Some(pool) = pools.get(agent_pool) {
+                        publish(
+                            ctx,
+                            pool,
+                            EventType::Warning,
+                            "AgentStuck",
+                            "ReplaceAgent",
+                            format!("{job_name}: {reason}"),
+                        )
+                        .await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Creates one agent Job. `Ok(false)`: it already existed (409: another poll or replica made it).
+async fn create(
+    ctx: &Context,
+    pool: &AgentPool,
+    action: &Action,
+    ado_pool: &str,
+    queued: &BTreeMap<plan::RequestId, Timestamp>,
+) -> Result<bool, String> {
+    let Action::CreateAgent {
+        agent_pool,
+        job_name,
+        for_request,
+        attempt,
+        reason,
+    } = action
+    else {
+        return Ok(false);
+    };
+    let agent_name = snapshot::agent_name(job_name, &ctx.cluster_id, &agent_pool.namespace);
+    let request_id = for_request.and_then(|r| i64::try_from(r).ok());
+    let job = job::build(
+        pool,
+        &AgentJob {
+            job_name,
+            agent_name: &agent_name,
+            request_id,
+            attempt: *attempt,
+            cluster_id: &ctx.cluster_id,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let api: Api<Job> = Api::namespaced(ctx.client.clone(), &agent_pool.namespace);
+    match api.create(&PostParams::default(), &job).await {
+        Ok(_) => {
+            tracing::info!(agentpool = %agent_pool, job = %job_name, agent = %agent_name, request = ?for_request, %reason, "agent Job created");
+            let labels = PoolLabels {
+                namespace: agent_pool.namespace.clone(),
+                agentpool: agent_pool.name.clone(),
+                ado_pool: ado_pool.to_owned(),
+            };
+            ctx.metrics.jobs_created.get_or_create(&labels).inc();
+            if let Some(queued) = for_request.and_then(|r| queued.get(&r)) {
+                let waited = Timestamp::now().duration_since(*queued);
+                if let Ok(waited) = std::time::Duration::try_from(waited) {
+                    ctx.metrics
+                        .observe_phase(&labels, Phase::job_created, waited);
+                }
+            }
+            Ok(true)
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Removes an agent that holds no request, without ever killing a busy one: disable it so ADO assigns it
+/// nothing new, re-check that no request holds it, then delete its Job and the agent; if work arrived in
+/// between, re-enable it and keep it.
+#[allow(clippy::too_many_arguments)]
+async fn remove_idle(
+    ctx: &Context,
+    ado: &AdoClient,
+    pool_id: i32,
+    agent_pool: &plan::PoolRef,
+    job_name: &str,
+    agent_name: &str,
+    agent_id: i32,
+    reason: &str,
+    pools: &BTreeMap<plan::PoolRef, Arc<AgentPool>>,
+) {
+    let result: Result<bool, crate::ado::AdoError> = async {
+        ado.update_agent(pool_id, agent_id, &AgentUpdate::enabled(false))
+            .await?;
+        let requests = ado.job_requests(pool_id).await?;
+        let agent = ado
+            .agents(
+                pool_id,
+                &AgentQuery::named(agent_name).with_assigned_request(),
+            )
+            .await?
+            .into_iter()
+            .find(|a| a.id == agent_id);
+        let holds_request = agent.as_ref().is_some_and(|a| a.assigned_request.is_some())
+            || requests.iter().any(|r| {
+                r.finish_time.is_none()
+                    && r.reserved_agent.as_ref().is_some_and(|a| {
+                        a.id == agent_id || a.name.eq_ignore_ascii_case(agent_name)
+                    })
+            });
+        if holds_request {
+            ado.update_agent(pool_id, agent_id, &AgentUpdate::enabled(true))
+                .await?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+    .await;
+    match result {
+        Ok(true) => {
+            delete_job(ctx, agent_pool, job_name).await;
+            if let Err(e) = ado.delete_agent(pool_id, agent_id).await {
+                tracing::warn!(agent = agent_name, error = %e, "deleting the idle agent failed; cleanup retries");
+            }
+            count_cleanup(ctx, agent_pool, "idle_agent_removed");
+            tracing::info!(agentpool = %agent_pool, job = job_name, agent = agent_name, %reason, "idle agent removed");
+            if let Some(pool) = pools.get(agent_pool) {
+                publish(
+                    ctx,
+                    pool,
+                    EventType::Normal,
+                    "ScaledDown",
+                    "RemoveIdleAgent",
+                    format!("{agent_name}: {reason}"),
+                )
+                .await;
+            }
+        }
+        Ok(false) => {
+            tracing::info!(
+                agent = agent_name,
+                "agent got work while being removed: re-enabled and kept"
+            );
+        }
+        Err(e) => {
+            tracing::warn!(agent = agent_name, error = %e, "removing an idle agent failed; it stays (re-enable on next poll if disabled)");
+        }
+    }
+}
+
+async fn delete_job(ctx: &Context, agent_pool: &plan::PoolRef, job_name: &str) {
+    let api: Api<Job> = Api::namespaced(ctx.client.clone(), &agent_pool.namespace);
+    let params = DeleteParams {
+        propagation_policy: Some(PropagationPolicy::Background),
+        ..DeleteParams::default()
+    };
+    match api.delete(job_name, &params).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => tracing::warn!(job = job_name, error = %e, "deleting an agent Job failed"),
+    }
+}
+
+fn count_cleanup(ctx: &Context, agent_pool: &plan::PoolRef, kind: &'static str) {
+    ctx.metrics
+        .cleanups
+        .get_or_create(&CleanupLabels {
+            namespace: agent_pool.namespace.clone(),
+            agentpool: agent_pool.name.clone(),
+            kind,
+        })
+        .inc();
+}
+
+/// Publishes an Event on the AgentPool (best effort: an Event failing never fails a poll).
+pub(crate) async fn publish(
+    ctx: &Context,
+    pool: &AgentPool,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let mut note = note;
+    note.truncate(1000);
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: action.to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &pool.object_ref(&())).await {
+        tracing::debug!(error = %e, "publishing an Event failed");
+    }
+}

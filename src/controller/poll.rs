@@ -1,0 +1,328 @@
+//! One poll task per ADO pool group: read ADO, read the caches, plan, apply, report.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+
+use super::{Context, GroupKey, apply, group_key, placeholder, snapshot, status};
+use crate::ado::models::{ResourceUsage, TaskAgent};
+use crate::ado::{AdoClient, AdoError, AgentQuery};
+use crate::k8s::crd::AgentPool;
+use crate::k8s::job::{self, LABEL_AGENTPOOL};
+use crate::metrics::{ErrorLabels, OrgLabels};
+use crate::plan;
+
+/// Why a poll of a group failed. No destructive action follows a failed poll.
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    #[error(transparent)]
+    Ado(#[from] AdoError),
+    #[error(
+        "ADO pool {pool:?} does not exist in {organization} (or the identity cannot see it): check spec.pool against Organization settings → Agent pools"
+    )]
+    PoolNotFound { organization: String, pool: String },
+    #[error(
+        "cannot read the PAT from Secret {namespace}/{secret} key {key:?} (spec.auth.pat): {reason}"
+    )]
+    PatSecret {
+        namespace: String,
+        secret: String,
+        key: String,
+        reason: String,
+    },
+}
+
+impl PollError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            PollError::Ado(e) => e.metric_label(),
+            PollError::PoolNotFound { .. } => "ado_pool_not_found",
+            PollError::PatSecret { .. } => "pat_secret",
+        }
+    }
+
+    /// The `reason` of the Degraded condition.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PollError::Ado(AdoError::Throttled { .. }) => "AdoThrottled",
+            PollError::Ado(AdoError::Auth(_)) => "TokenFailed",
+            PollError::Ado(AdoError::NotInOrganization { .. }) => "IdentityNotInOrganization",
+            PollError::Ado(AdoError::Forbidden { .. }) => "Forbidden",
+            PollError::Ado(_) => "AdoError",
+            PollError::PoolNotFound { .. } => "AdoPoolNotFound",
+            PollError::PatSecret { .. } => "PatSecretUnreadable",
+        }
+    }
+}
+
+/// What a group task remembers between polls.
+#[derive(Default)]
+struct GroupState {
+    pool_id: Option<i32>,
+    agents: Vec<TaskAgent>,
+    agents_read: Option<Instant>,
+    usage: Option<ResourceUsage>,
+    usage_read: Option<Instant>,
+    /// Placeholder agent id per AgentPool, with the spec generation it was made for.
+    placeholders: HashMap<plan::PoolRef, (Option<i64>, i32)>,
+    /// Requests already logged as capped / unservable (logged once per request).
+    reported: HashSet<(plan::RequestId, &'static str)>,
+}
+
+/// Polls one group until no AgentPool belongs to it any more.
+pub(crate) async fn run_group(ctx: Arc<Context>, key: GroupKey) {
+    let mut state = GroupState::default();
+    loop {
+        let members = members(&ctx, &key);
+        if members.is_empty() {
+            return;
+        }
+        let interval = members
+            .iter()
+            .map(|p| p.spec.poll_interval_seconds)
+            .min()
+            .unwrap_or(5);
+        let started = Instant::now();
+        let mut slow_down = 1.0;
+        match poll_once(&ctx, &key, &members, &mut state).await {
+            Ok(factor) => slow_down = factor,
+            Err(e) => {
+                tracing::warn!(organization = %key.organization, ado_pool = %key.ado_pool, error = %e, "poll failed; keeping the last view, no destructive action");
+                for pool in &members {
+                    ctx.metrics
+                        .reconcile_errors
+                        .get_or_create(&ErrorLabels {
+                            namespace: pool.metadata.namespace.clone().unwrap_or_default(),
+                            agentpool: pool.metadata.name.clone().unwrap_or_default(),
+                            error: e.metric_label(),
+                        })
+                        .inc();
+                    status::degraded(&ctx, pool, e.reason(), &e.to_string()).await;
+                }
+            }
+        }
+        ctx.metrics
+            .poll_duration
+            .get_or_create(&OrgLabels {
+                organization: key.organization.clone(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        let wait = Duration::from_secs(u64::from(interval)).mul_f64(slow_down.max(1.0));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = ctx.wake.notified() => {}
+        }
+    }
+}
+
+/// The AgentPools of the group (not being deleted).
+fn members(ctx: &Context, key: &GroupKey) -> Vec<Arc<AgentPool>> {
+    let mut members: Vec<Arc<AgentPool>> = ctx
+        .pools
+        .state()
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && group_key(p) == *key)
+        .collect();
+    members.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
+    members
+}
+
+/// One poll. Returns the slow-down factor the ADO rate limit asks for.
+async fn poll_once(
+    ctx: &Context,
+    key: &GroupKey,
+    members: &[Arc<AgentPool>],
+    state: &mut GroupState,
+) -> Result<f64, PollError> {
+    let ado: AdoClient = ctx.ado.get(
+        &key.organization,
+        super::token_source(Some(&ctx.client), &key.auth, false).await?,
+    )?;
+    let ado_pool_name = members
+        .first()
+        .map(|p| p.spec.pool.clone())
+        .unwrap_or_else(|| key.ado_pool.clone());
+
+    // What the schema cannot check: invalid AgentPools get a condition and create nothing.
+    let mut valid = Vec::new();
+    for pool in members {
+        match job::validate_template(pool) {
+            Ok(()) => valid.push(pool.clone()),
+            Err(e) => status::degraded(ctx, pool, "InvalidTemplate", &e.to_string()).await,
+        }
+    }
+
+    let pool_id = match state.pool_id {
+        Some(id) => id,
+        None => {
+            let pool =
+                ado.pool_by_name(&ado_pool_name)
+                    .await?
+                    .ok_or_else(|| PollError::PoolNotFound {
+                        organization: key.organization.clone(),
+                        pool: ado_pool_name.clone(),
+                    })?;
+            state.pool_id = Some(pool.id);
+            pool.id
+        }
+    };
+
+    for pool in &valid {
+        ensure_placeholder(ctx, &ado, pool_id, pool, state).await?;
+    }
+
+    let requests = ado.job_requests(pool_id).await?;
+    let now = Instant::now();
+    if state
+        .agents_read
+        .is_none_or(|t| now.duration_since(t) >= ctx.config.agents_every)
+    {
+        state.agents = ado
+            .agents(
+                pool_id,
+                &AgentQuery::all()
+                    .with_capabilities()
+                    .with_assigned_request(),
+            )
+            .await?;
+        state.agents_read = Some(now);
+    }
+    if state
+        .usage_read
+        .is_none_or(|t| now.duration_since(t) >= ctx.config.usage_every)
+    {
+        // Parallel-job usage is a refinement: without it nothing is capped by slots.
+        match ado.resource_usage().await {
+            Ok(u) => state.usage = Some(u),
+            Err(e) => {
+                tracing::debug!(error = %e, "parallel-job usage unavailable; not capping by slots")
+            }
+        }
+        state.usage_read = Some(now);
+    }
+
+    let ado_snapshot = snapshot::ado_snapshot(
+        &ado_pool_name,
+        &requests,
+        &state.agents,
+        state.usage.as_ref(),
+    );
+    let specs: Vec<plan::AgentPoolSpec> = valid
+        .iter()
+        .filter_map(|p| snapshot::plan_spec(p))
+        .collect();
+    let cluster = cluster_snapshot(ctx, &valid, &state.agents);
+    let plan = plan::plan(&ado_snapshot, &cluster, &specs, Timestamp::now());
+
+    report_blocked(ctx, key, &plan, state);
+    let by_ref: BTreeMap<plan::PoolRef, Arc<AgentPool>> = valid
+        .iter()
+        .filter_map(|p| Some((snapshot::pool_ref(p)?, p.clone())))
+        .collect();
+    apply::apply(ctx, &ado, pool_id, &plan, &by_ref, &ado_snapshot).await;
+    for (pool_ref, pool) in &by_ref {
+        if let Some(summary) = plan.pool(pool_ref) {
+            status::polled(ctx, pool, &ado_pool_name, pool_id, summary).await;
+        }
+    }
+    Ok(ado.slow_down_factor())
+}
+
+async fn ensure_placeholder(
+    ctx: &Context,
+    ado: &AdoClient,
+    pool_id: i32,
+    pool: &AgentPool,
+    state: &mut GroupState,
+) -> Result<(), PollError> {
+    let Some(pool_ref) = snapshot::pool_ref(pool) else {
+        return Ok(());
+    };
+    let generation = pool.metadata.generation;
+    if state
+        .placeholders
+        .get(&pool_ref)
+        .is_some_and(|(g, _)| *g == generation)
+    {
+        return Ok(());
+    }
+    let name = placeholder::name(&ctx.cluster_id, &pool_ref.namespace, &pool_ref.name);
+    let want = placeholder::desired_capabilities(
+        &pool.spec.capabilities,
+        &pool.spec.agent_version,
+        &ctx.cluster_id,
+        &pool_ref.namespace,
+        &pool_ref.name,
+    );
+    let id = placeholder::ensure(ado, pool_id, &name, &want, &pool.spec.agent_version).await?;
+    state.placeholders.insert(pool_ref, (generation, id));
+    Ok(())
+}
+
+/// Our Jobs and Pods of the group's AgentPools, from the caches.
+fn cluster_snapshot(
+    ctx: &Context,
+    members: &[Arc<AgentPool>],
+    agents: &[TaskAgent],
+) -> plan::ClusterSnapshot {
+    let wanted: HashSet<(String, String)> = members
+        .iter()
+        .filter_map(|p| Some((p.metadata.namespace.clone()?, p.metadata.name.clone()?)))
+        .collect();
+    let belongs = |meta: &kube::api::ObjectMeta| {
+        let ns = meta.namespace.clone().unwrap_or_default();
+        meta.labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_AGENTPOOL))
+            .is_some_and(|name| wanted.contains(&(ns.clone(), name.clone())))
+    };
+    let jobs: Vec<Arc<Job>> = ctx
+        .jobs
+        .state()
+        .into_iter()
+        .filter(|j| belongs(&j.metadata))
+        .collect();
+    let pods: Vec<Arc<Pod>> = ctx
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| belongs(&p.metadata))
+        .collect();
+    let pod_refs: Vec<&Pod> = pods.iter().map(|p| p.as_ref()).collect();
+    let registered: HashSet<&str> = agents.iter().map(|a| a.name.as_str()).collect();
+    snapshot::cluster_snapshot(jobs.iter().map(|j| j.as_ref()), &pod_refs, &registered)
+}
+
+/// Capped and unservable requests: visible in a log line once per request, never silently dropped.
+fn report_blocked(ctx: &Context, key: &GroupKey, plan: &plan::Plan, state: &mut GroupState) {
+    let _ = ctx;
+    let mut still = HashSet::new();
+    for summary in &plan.pools {
+        for (kind, list) in [
+            ("capped", &summary.capped),
+            ("unservable", &summary.unservable),
+        ] {
+            for blocked in list {
+                still.insert((blocked.request, kind));
+                if state.reported.insert((blocked.request, kind)) {
+                    tracing::warn!(
+                        organization = %key.organization,
+                        ado_pool = %key.ado_pool,
+                        agentpool = %summary.agent_pool,
+                        request = blocked.request,
+                        kind,
+                        why = %blocked.why,
+                        "request waits without a new agent"
+                    );
+                }
+            }
+        }
+    }
+    state.reported.retain(|r| still.contains(r));
+}

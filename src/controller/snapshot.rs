@@ -1,0 +1,333 @@
+//! Pure conversions from what the controller reads (ADO models, Kubernetes objects) into the planner's own
+//! input types. No IO: table-tested like the planner.
+
+use std::collections::{BTreeMap, HashSet};
+
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::ado::models::{self, ResourceUsage, TaskAgent, TaskAgentJobRequest};
+use crate::k8s::crd::AgentPool;
+use crate::k8s::job::{
+    ANNOTATION_AGENT_NAME, ANNOTATION_ATTEMPT, ANNOTATION_REQUEST, LABEL_AGENTPOOL,
+};
+use crate::plan;
+
+/// The parallelism bucket of self-hosted private jobs.
+pub const PRIVATE_TAG: &str = "Private";
+
+/// ADO's answers for one ADO pool → the planner's [`plan::AdoSnapshot`].
+pub fn ado_snapshot(
+    ado_pool: &str,
+    requests: &[TaskAgentJobRequest],
+    agents: &[TaskAgent],
+    usage: Option<&ResourceUsage>,
+) -> plan::AdoSnapshot {
+    plan::AdoSnapshot {
+        ado_pool: ado_pool.to_owned(),
+        requests: requests.iter().filter_map(job_request).collect(),
+        agents: agents.iter().filter_map(agent).collect(),
+        parallel_jobs: usage.and_then(parallel_jobs),
+    }
+}
+
+fn job_request(r: &TaskAgentJobRequest) -> Option<plan::JobRequest> {
+    Some(plan::JobRequest {
+        id: plan::RequestId::try_from(r.request_id).ok()?,
+        queue_time: r.queue_time,
+        assign_time: r.assign_time,
+        receive_time: r.receive_time,
+        finish_time: r.finish_time,
+        result: r
+            .result
+            .as_ref()
+            .map(|x| format!("{x:?}").to_ascii_lowercase()),
+        demands: r.demands.iter().map(|d| d.as_str().to_owned()).collect(),
+        reserved_agent: r.reserved_agent.as_ref().and_then(|a| {
+            Some(plan::AgentRef {
+                id: plan::AgentId::try_from(a.id).ok()?,
+                name: a.name.clone(),
+            })
+        }),
+        parallelism_tag: r.parallelism_tag().map(str::to_owned),
+    })
+}
+
+fn agent(a: &TaskAgent) -> Option<plan::Agent> {
+    let mut capabilities = a.system_capabilities.clone();
+    capabilities.extend(a.user_capabilities.clone());
+    Some(plan::Agent {
+        id: plan::AgentId::try_from(a.id).ok()?,
+        name: a.name.clone(),
+        status: match a.status {
+            Some(models::AgentStatus::Online) => plan::AgentStatus::Online,
+            Some(models::AgentStatus::Offline) => plan::AgentStatus::Offline,
+            _ => plan::AgentStatus::Unknown,
+        },
+        enabled: a.is_enabled(),
+        capabilities,
+        assigned_request: a
+            .assigned_request
+            .as_ref()
+            .and_then(|r| plan::RequestId::try_from(r.request_id).ok()),
+    })
+}
+
+fn parallel_jobs(u: &ResourceUsage) -> Option<plan::ParallelJobUsage> {
+    let limit = u.resource_limit.as_ref()?;
+    Some(plan::ParallelJobUsage {
+        parallelism_tag: limit
+            .parallelism_tag
+            .clone()
+            .unwrap_or_else(|| PRIVATE_TAG.to_owned()),
+        total: u32::try_from(limit.total_count?).ok()?,
+        used: u32::try_from(u.used_count).unwrap_or(0),
+        slot_holders: u
+            .running_requests
+            .iter()
+            .filter_map(|r| plan::RequestId::try_from(r.request_id).ok())
+            .collect(),
+    })
+}
+
+/// The AgentPool → the part of its spec the planner needs.
+pub fn plan_spec(pool: &AgentPool) -> Option<plan::AgentPoolSpec> {
+    Some(plan::AgentPoolSpec {
+        agent_pool: pool_ref(pool)?,
+        priority: pool.spec.priority,
+        capabilities: pool.spec.capabilities.clone(),
+        agent_version: pool.spec.agent_version.clone(),
+        min_idle: pool.spec.min_idle,
+        max_agents: pool.spec.max_agents,
+        paused: pool.spec.paused,
+        startup_timeout: SignedDuration::from_secs(i64::from(pool.spec.startup_timeout_seconds)),
+    })
+}
+
+/// The AgentPool's identity for the planner.
+pub fn pool_ref(pool: &AgentPool) -> Option<plan::PoolRef> {
+    Some(plan::PoolRef::new(
+        pool.metadata.namespace.clone()?,
+        pool.metadata.name.clone()?,
+    ))
+}
+
+/// Our agent Jobs (and their pods) → the planner's [`plan::ClusterSnapshot`]. `registered` holds the names
+/// of the agents ADO lists in the pool: a Job whose agent is there is `Running`, else `Starting`.
+pub fn cluster_snapshot<'a>(
+    jobs: impl IntoIterator<Item = &'a Job>,
+    pods: &[&Pod],
+    registered: &HashSet<&str>,
+) -> plan::ClusterSnapshot {
+    let jobs: Vec<plan::AgentJob> = jobs
+        .into_iter()
+        .filter_map(|job| agent_job(job, pods, registered))
+        .collect();
+    plan::ClusterSnapshot {
+        jobs,
+        startup_failures: BTreeMap::new(),
+    }
+}
+
+/// One of our agent Jobs → the planner's view of it (None for a Job that is not an agent Job of ours).
+pub fn agent_job(job: &Job, pods: &[&Pod], registered: &HashSet<&str>) -> Option<plan::AgentJob> {
+    let meta = &job.metadata;
+    let name = meta.name.clone()?;
+    let namespace = meta.namespace.clone()?;
+    let pool = meta.labels.as_ref()?.get(LABEL_AGENTPOOL)?.clone();
+    let annotations = meta.annotations.as_ref()?;
+    let agent_name = annotations.get(ANNOTATION_AGENT_NAME)?.clone();
+    let for_request = annotations
+        .get(ANNOTATION_REQUEST)
+        .and_then(|v| v.parse::<plan::RequestId>().ok());
+    let attempt = annotations
+        .get(ANNOTATION_ATTEMPT)
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(1);
+    let created = meta
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0)
+        .unwrap_or(Timestamp::UNIX_EPOCH);
+    let own_pods: Vec<&&Pod> = pods
+        .iter()
+        .filter(|p| {
+            p.metadata.namespace.as_deref() == Some(namespace.as_str())
+                && p.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("job-name"))
+                    .is_some_and(|j| *j == name)
+        })
+        .collect();
+    let pod_started = own_pods.iter().any(|p| pod_started(p));
+    let phase = if job_finished(job) {
+        plan::JobPhase::Finished
+    } else if registered.contains(agent_name.as_str()) {
+        plan::JobPhase::Running
+    } else {
+        plan::JobPhase::Starting
+    };
+    Some(plan::AgentJob {
+        name,
+        agent_pool: plan::PoolRef::new(namespace, pool),
+        agent_name,
+        for_request,
+        attempt,
+        created,
+        phase,
+        pod_started,
+    })
+}
+
+/// A Job that will run no agent any more: succeeded, failed, or being deleted.
+pub fn job_finished(job: &Job) -> bool {
+    if job.metadata.deletion_timestamp.is_some() {
+        return true;
+    }
+    let Some(status) = job.status.as_ref() else {
+        return false;
+    };
+    status.succeeded.unwrap_or(0) > 0
+        || status.failed.unwrap_or(0) > 0
+        || status.conditions.iter().flatten().any(|c| {
+            c.status == "True"
+                && matches!(
+                    c.type_.as_str(),
+                    "Complete" | "Failed" | "SuccessCriteriaMet" | "FailureTarget"
+                )
+        })
+}
+
+fn pod_started(pod: &Pod) -> bool {
+    pod.status.as_ref().is_some_and(|s| {
+        matches!(s.phase.as_deref(), Some("Running" | "Succeeded" | "Failed"))
+            || s.container_statuses.iter().flatten().any(|c| {
+                c.started == Some(true)
+                    || c.state.as_ref().is_some_and(|st| st.terminated.is_some())
+            })
+    })
+}
+
+/// The agent's name in ADO: the Job name plus a short digest of (cluster, namespace), so two clusters — or
+/// two namespaces — sharing one ADO pool never produce the same name (`--replace` would silently take over
+/// the other's live agent). Deterministic: every replica derives the same name.
+pub fn agent_name(job_name: &str, cluster_id: &str, namespace: &str) -> String {
+    let digest = aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        format!("{cluster_id}\n{namespace}").as_bytes(),
+    );
+    let hex: String = digest.as_ref()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{job_name}-{hex}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+    fn job(name: &str, request: Option<u64>, attempt: u32) -> Job {
+        let mut annotations = BTreeMap::from([
+            (ANNOTATION_AGENT_NAME.to_owned(), format!("{name}-abcd1234")),
+            (ANNOTATION_ATTEMPT.to_owned(), attempt.to_string()),
+        ]);
+        if let Some(r) = request {
+            annotations.insert(ANNOTATION_REQUEST.to_owned(), r.to_string());
+        }
+        Job {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ci".into()),
+                labels: Some(BTreeMap::from([(
+                    LABEL_AGENTPOOL.to_owned(),
+                    "linux".to_owned(),
+                )])),
+                annotations: Some(annotations),
+                creation_timestamp: Some(Time("2026-11-26T10:00:00Z".parse().unwrap())),
+                ..ObjectMeta::default()
+            },
+            ..Job::default()
+        }
+    }
+
+    fn finished(mut j: Job, kind: &str) -> Job {
+        j.status = Some(JobStatus {
+            conditions: Some(vec![JobCondition {
+                type_: kind.into(),
+                status: "True".into(),
+                ..JobCondition::default()
+            }]),
+            ..JobStatus::default()
+        });
+        j
+    }
+
+    #[test]
+    fn job_phase_table() {
+        let registered: HashSet<&str> = HashSet::from(["linux-r2-a1-abcd1234"]);
+        let cases = [
+            (job("linux-r1-a1", Some(1), 1), plan::JobPhase::Starting),
+            (job("linux-r2-a1", Some(2), 1), plan::JobPhase::Running),
+            (
+                finished(job("linux-r2-a1", Some(2), 1), "Complete"),
+                plan::JobPhase::Finished,
+            ),
+            (
+                finished(job("linux-r3-a2", Some(3), 2), "Failed"),
+                plan::JobPhase::Finished,
+            ),
+            (
+                finished(job("linux-r4-a1", Some(4), 1), "Suspended"),
+                plan::JobPhase::Starting,
+            ),
+        ];
+        for (j, want) in cases {
+            let got = agent_job(&j, &[], &registered).unwrap();
+            assert_eq!(got.phase, want, "{}", got.name);
+        }
+    }
+
+    #[test]
+    fn job_annotations_become_request_and_attempt() {
+        let got = agent_job(&job("linux-r7-a2", Some(7), 2), &[], &HashSet::new()).unwrap();
+        assert_eq!(got.for_request, Some(7));
+        assert_eq!(got.attempt, 2);
+        assert_eq!(got.agent_pool, plan::PoolRef::new("ci", "linux"));
+        let standby = agent_job(&job("linux-s1", None, 1), &[], &HashSet::new()).unwrap();
+        assert_eq!(standby.for_request, None);
+    }
+
+    #[test]
+    fn a_job_without_our_labels_is_not_an_agent_job() {
+        let mut j = job("other", None, 1);
+        j.metadata.labels = None;
+        assert!(agent_job(&j, &[], &HashSet::new()).is_none());
+    }
+
+    #[test]
+    fn agent_names_differ_across_clusters_and_namespaces_and_are_stable() {
+        let a = agent_name("linux-r1-a1", "cluster-a", "ci");
+        assert_eq!(a, agent_name("linux-r1-a1", "cluster-a", "ci"));
+        assert_ne!(a, agent_name("linux-r1-a1", "cluster-b", "ci"));
+        assert_ne!(a, agent_name("linux-r1-a1", "cluster-a", "ci2"));
+        assert!(a.starts_with("linux-r1-a1-") && a.len() == "linux-r1-a1-".len() + 8);
+    }
+
+    #[test]
+    fn resource_usage_becomes_parallel_slots() {
+        let usage: ResourceUsage = serde_json::from_value(serde_json::json!({
+            "resourceLimit": {"parallelismTag": "Private", "isHosted": false, "totalCount": 3},
+            "usedCount": 2,
+            "runningRequests": [{"requestId": 11}, {"requestId": 12}]
+        }))
+        .unwrap();
+        let p = parallel_jobs(&usage).unwrap();
+        assert_eq!((p.total, p.used), (3, 2));
+        assert_eq!(p.slot_holders, vec![11, 12]);
+    }
+}
