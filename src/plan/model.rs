@@ -7,10 +7,10 @@ use std::fmt;
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 
-/// ADO's job request id (`requestId`, an int64 on the wire; never negative).
-pub type RequestId = u64;
-/// ADO's agent id.
-pub type AgentId = u64;
+/// ADO's job request id (`requestId`, an int64 on the wire).
+pub type RequestId = i64;
+/// ADO's agent id (an int32 on the wire; widened so every id fits).
+pub type AgentId = i64;
 
 /// Names one `AgentPool` resource.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

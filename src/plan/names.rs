@@ -20,8 +20,15 @@
 pub const MAX_JOB_NAME_LEN: usize = 52;
 
 /// The Job name for the `attempt`-th agent created for request `request_id` in an AgentPool.
-pub fn request_job_name(agent_pool_name: &str, request_id: u64, attempt: u32) -> String {
-    with_prefix(agent_pool_name, &format!("-{request_id}-{attempt}"))
+pub fn request_job_name(agent_pool_name: &str, request_id: i64, attempt: u32) -> String {
+    // ADO ids are positive; should one ever not be, its sign becomes an `n` (a DNS label has no `-`
+    // at either end, and `--` would read as two separators).
+    let id = if request_id < 0 {
+        format!("n{}", request_id.unsigned_abs())
+    } else {
+        request_id.to_string()
+    };
+    with_prefix(agent_pool_name, &format!("-{id}-{attempt}"))
 }
 
 /// The Job name of standby agent number `n` of an AgentPool.
@@ -104,7 +111,7 @@ mod tests {
         let long_a = format!("{}-a", "x".repeat(250));
         let long_b = format!("{}-b", "x".repeat(250));
         for (pool, id, attempt) in [
-            (long_a.as_str(), u64::MAX, u32::MAX),
+            (long_a.as_str(), i64::MAX, u32::MAX),
             (long_a.as_str(), 1, 1),
             (long_b.as_str(), 1, 1),
             ("...", 1, 1),
@@ -114,6 +121,11 @@ mod tests {
             assert!(name.len() <= MAX_JOB_NAME_LEN, "{name} is too long");
             assert!(is_dns_label(&name), "{name} is not a DNS label");
             assert!(name.ends_with(&format!("-{id}-{attempt}")), "{name}");
+            assert_ne!(
+                name,
+                request_job_name(pool, -id, attempt),
+                "the sign is kept"
+            );
             let standby = standby_job_name(pool, attempt);
             assert!(
                 standby.len() <= MAX_JOB_NAME_LEN && is_dns_label(&standby),

@@ -180,61 +180,40 @@ pub(super) fn plan(
         if let Some(request) = job.for_request {
             has_live_job.insert(request);
         }
-        if pool.spec.paused {
-            // Hands off: a paused AgentPool's agents still take requests, nothing is removed.
-            pool.free.push(job);
-            continue;
-        }
+        let paused = pool.spec.paused;
+        // A paused AgentPool's agents still take requests, but nothing of it is removed or replaced.
         if let Some(agent) = ado_agent.filter(|a| !a.enabled) {
-            removals.push(Action::RemoveIdleAgent {
-                agent_pool: job.agent_pool.clone(),
-                job_name: job.name.clone(),
-                agent_name: job.agent_name.clone(),
-                agent_id: Some(agent.id),
-                reason: format!(
-                    "agent {} is disabled in ADO and holds no request: finishing its removal",
-                    job.agent_name
-                ),
-            });
+            if !paused {
+                removals.push(Action::RemoveIdleAgent {
+                    agent_pool: job.agent_pool.clone(),
+                    job_name: job.name.clone(),
+                    agent_name: job.agent_name.clone(),
+                    agent_id: Some(agent.id),
+                    reason: format!(
+                        "agent {} is disabled in ADO and holds no request: finishing its removal",
+                        job.agent_name
+                    ),
+                });
+            }
             continue;
         }
-        if !registered {
-            let deadline = pool.spec.startup_timeout + startup_backoff(pool.failures);
-            let age = now.duration_since(job.created);
-            if age > deadline {
-                let what = if job.pod_started {
-                    "its pod ran but the agent never registered"
-                } else {
-                    "its pod never started (image pull, scheduling or quota?)"
-                };
-                let backoff = startup_backoff(pool.failures);
-                let backoff_note = if backoff.is_zero() {
-                    String::new()
-                } else {
-                    format!(
-                        " plus a backoff of {}s after {} failed starts",
-                        backoff.as_secs(),
-                        pool.failures
-                    )
-                };
+        let deadline = pool.spec.startup_timeout + startup_backoff(pool.failures);
+        let age = now.duration_since(job.created);
+        if !registered && age > deadline {
+            if !paused {
                 replacements.push(Action::ReplaceStuckAgent {
                     agent_pool: job.agent_pool.clone(),
                     job_name: job.name.clone(),
                     agent_name: job.agent_name.clone(),
                     agent_id: ado_agent.map(|a| a.id),
                     for_request: job.for_request,
-                    reason: format!(
-                        "agent Job {} is {}s old and not registered: {what} (startup timeout {}s{backoff_note})",
-                        job.name,
-                        age.as_secs(),
-                        pool.spec.startup_timeout.as_secs()
-                    ),
+                    reason: stuck_reason(job, age, pool.spec.startup_timeout, pool.failures),
                 });
                 if let Some(request) = job.for_request {
                     stuck_for.insert(request, job.name.as_str());
                 }
-                continue;
             }
+            continue;
         }
         pool.free.push(job);
     }
@@ -258,7 +237,8 @@ pub(super) fn plan(
     // ---- Demand: pending requests in queue order ----
     let mut pending: Vec<&JobRequest> = ado.requests.iter().filter(|r| r.is_pending()).collect();
     pending.sort_by_key(|r| (r.queue_time, r.id));
-    pending.dedup_by_key(|r| r.id);
+    let mut seen_ids = HashSet::new();
+    pending.retain(|r| seen_ids.insert(r.id));
 
     let usage = ado.parallel_jobs.as_ref();
     let mut free_slots = usage.map(|u| u.total.saturating_sub(u.used));
@@ -632,6 +612,34 @@ pub(super) fn plan(
         actions,
         pools: summaries,
     }
+}
+
+fn stuck_reason(
+    job: &AgentJob,
+    age: SignedDuration,
+    timeout: SignedDuration,
+    failures: u32,
+) -> String {
+    let what = if job.pod_started {
+        "its pod ran but the agent never registered"
+    } else {
+        "its pod never started (image pull, scheduling or quota?)"
+    };
+    let backoff = startup_backoff(failures);
+    let backoff_note = if backoff.is_zero() {
+        String::new()
+    } else {
+        format!(
+            " plus a backoff of {}s after {failures} failed starts",
+            backoff.as_secs()
+        )
+    };
+    format!(
+        "agent Job {} is {}s old and not registered: {what} (startup timeout {}s{backoff_note})",
+        job.name,
+        age.as_secs(),
+        timeout.as_secs()
+    )
 }
 
 fn phase_word(job: &AgentJob, agents: &AgentIndex<'_>) -> &'static str {

@@ -425,7 +425,7 @@ fn more_than_200_pending_are_all_counted() {
         .pool("linux", 0, &[])
         .tune("linux", |s| s.max_agents = 1000);
     for id in 1..=500 {
-        world = world.pending(id, id as i64, &[]);
+        world = world.pending(id, id, &[]);
     }
     let plan = world.plan();
     assert_eq!(plan.creates().count(), 500);
@@ -927,6 +927,41 @@ fn paused_pools_remove_nothing() {
 }
 
 #[test]
+fn a_paused_pools_stuck_agent_is_neither_supply_nor_replaced() {
+    let world = World::new()
+        .pool("linux", 0, &[])
+        .tune("linux", |s| s.paused = true)
+        .pool("other", 0, &[])
+        .job("linux-1-1", "linux", Some(1), 1, 0, JobPhase::Starting)
+        .pending(1, 1, &[])
+        .pending(2, 2, &[]);
+    let plan = world.plan();
+    // Request 1 keeps its (stuck) Job: no second one. Request 2 cannot count on the stuck agent.
+    assert!(replaced(&plan).is_empty());
+    assert_eq!(created_for(&plan), vec![(s("other"), 2)]);
+    let linux = summary(&plan, "linux");
+    assert_eq!(ids(&linux.capped), vec![1]);
+    assert!(
+        linux.capped[0]
+            .why
+            .contains("already has an unfinished agent Job")
+    );
+}
+
+#[test]
+fn a_request_listed_twice_counts_once() {
+    let world = World::new()
+        .pool("linux", 0, &[])
+        .pending(1, 5, &[])
+        .pending(2, 6, &[])
+        .pending(1, 7, &[]);
+    assert_eq!(
+        created_for(&world.plan()),
+        vec![(s("linux"), 1), (s("linux"), 2)]
+    );
+}
+
+#[test]
 fn a_disabled_idle_agent_finishes_its_removal() {
     let world = World::new()
         .pool("linux", 0, &[])
@@ -1178,7 +1213,7 @@ fn job_names_are_dns_labels_within_52() {
     let world = World::new()
         .pool(long, 0, &[])
         .tune(long, |s| s.min_idle = 1)
-        .pending(u64::MAX, 0, &[]);
+        .pending(i64::MAX, 0, &[]);
     let plan = world.plan();
     assert_eq!(plan.creates().count(), 2);
     for action in plan.creates() {
