@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::wait::{Condition, await_condition};
 use kube::{Client, Resource};
@@ -135,6 +135,145 @@ pub fn jwt_claims(token: &str) -> Result<serde_json::Value, String> {
         .decode(payload.trim_end_matches('='))
         .map_err(|e| format!("JWT payload is not base64url: {e}"))?;
     serde_json::from_slice(&bytes).map_err(|e| format!("JWT payload is not JSON: {e}"))
+}
+
+/// Installs a test-friendly tracing subscriber once (`RUST_LOG` filters it; default `warn`).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A Job running `script` with `sh -c` once (`backoffLimit: 0`, `restartPolicy: Never`).
+pub fn shell_job(name: &str, script: &str) -> Job {
+    serde_json::from_value(json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {"spec": {
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 30,
+                "containers": [{"name": "main", "image": "testbed/shell", "command": ["sh", "-c", script]}],
+            }},
+        },
+    }))
+    .unwrap_or_else(|e| panic!("job object: {e}"))
+}
+
+/// A bare Pod running `script` with `sh -c` (`restartPolicy: Never`).
+pub fn shell_pod(name: &str, script: &str) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 30,
+            "containers": [{"name": "main", "image": "testbed/shell", "command": ["sh", "-c", script]}],
+        },
+    }))
+    .unwrap_or_else(|e| panic!("pod object: {e}"))
+}
+
+/// Waits until Job `name` is `Complete` or `Failed` and returns which.
+pub async fn wait_job_finished(api: &Api<Job>, name: &str, timeout: Duration) -> String {
+    let job = wait_for(
+        api,
+        name,
+        timeout,
+        "the Job to finish",
+        |j: Option<&Job>| j.and_then(job_finished).is_some(),
+    )
+    .await;
+    job.as_ref()
+        .and_then(job_finished)
+        .map(str::to_owned)
+        .unwrap_or_default()
+}
+
+/// The pod's phase.
+pub fn pod_phase(pod: &Pod) -> Option<&str> {
+    pod.status.as_ref()?.phase.as_deref()
+}
+
+/// Waits until pod `name` has phase `phase`.
+pub async fn wait_pod_phase(api: &Api<Pod>, name: &str, phase: &str, timeout: Duration) -> Pod {
+    let what = format!("phase {phase}");
+    wait_for(api, name, timeout, &what, |p: Option<&Pod>| {
+        p.and_then(pod_phase) == Some(phase)
+    })
+    .await
+    .unwrap_or_else(|| panic!("pod {name} vanished while waiting for {what}"))
+}
+
+/// Follows pod `name` through a watch until it is deleted and returns the last state seen before that.
+/// Start it before the deletion (it lists the pod first).
+pub async fn last_state_before_deletion(api: &Api<Pod>, name: &str, timeout: Duration) -> Pod {
+    use futures::StreamExt;
+    use kube::runtime::watcher::{self, Event};
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut stream = watcher::watcher(api.clone(), cfg).boxed();
+    let mut last: Option<Pod> = None;
+    let follow = async {
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(Event::Apply(p) | Event::InitApply(p)) => last = Some(p),
+                Ok(Event::Delete(p)) => return Some(last.take().unwrap_or(p)),
+                Ok(_) => {}
+                Err(e) => panic!("watching pod {name}: {e}"),
+            }
+        }
+        None
+    };
+    match tokio::time::timeout(timeout, follow).await {
+        Ok(Some(p)) => p,
+        Ok(None) => panic!("the watch of pod {name} ended"),
+        Err(_) => panic!("pod {name} was not deleted within {timeout:?}"),
+    }
+}
+
+/// Waits (through a watch) for the first pod matching `label_selector`, e.g. `job-name=<job>`.
+pub async fn first_pod(api: &Api<Pod>, label_selector: &str, timeout: Duration) -> Pod {
+    use futures::StreamExt;
+    use kube::runtime::watcher::{self, Event};
+    let cfg = watcher::Config::default().labels(label_selector);
+    let mut stream = watcher::watcher(api.clone(), cfg).boxed();
+    let find = async {
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(Event::Apply(p) | Event::InitApply(p)) => return Some(p),
+                Ok(_) => {}
+                Err(e) => panic!("watching pods {label_selector}: {e}"),
+            }
+        }
+        None
+    };
+    match tokio::time::timeout(timeout, find).await {
+        Ok(Some(p)) => p,
+        Ok(None) => panic!("the watch of pods {label_selector} ended"),
+        Err(_) => panic!("no pod {label_selector} within {timeout:?}"),
+    }
+}
+
+/// The main container's terminated state (exit code, reason) in a pod status.
+pub fn terminated(pod: &Pod) -> Option<(i32, String)> {
+    let t = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()?;
+    Some((t.exit_code, t.reason.clone().unwrap_or_default()))
 }
 
 #[cfg(test)]
