@@ -120,14 +120,13 @@ impl NodeConfig {
         }
     }
 
-    /// A node for one test namespace: named `testbed-<namespace>`, binding only that namespace, folders
-    /// under the system temp folder.
+    /// A node for one test namespace: named `testbed-<namespace>`, binding only that namespace, pod
+    /// folders under `<system temp folder>/azp-testbed-node/<namespace>/` (kept after the test for
+    /// post-mortems).
     pub fn for_namespace(namespace: &str) -> Self {
         let mut c = Self::new(
             format!("testbed-{namespace}"),
-            std::env::temp_dir()
-                .join("azp-testbed-node")
-                .join(namespace),
+            std::env::temp_dir().join("azp-testbed-node"),
         );
         c.namespaces = vec![namespace.to_owned()];
         c

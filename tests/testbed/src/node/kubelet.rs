@@ -129,10 +129,10 @@ fn on_pod(shared: &Arc<Shared>, pod: Pod) {
         return;
     }
     let layout = PodLayout::new(&shared.config.work_dir, &ns, &name, &uid);
+    shared.remember_layout(&ns, &name, &layout);
     let mut entry = PodEntry {
         namespace: ns,
         name,
-        layout: layout.clone(),
         updates: None,
         control: None,
         pid: None,

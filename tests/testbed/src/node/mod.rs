@@ -197,7 +197,6 @@ pub(crate) enum Control {
 pub(crate) struct PodEntry {
     pub namespace: String,
     pub name: String,
-    pub layout: PodLayout,
     /// Latest pod object for the worker; `None` once the worker finished.
     pub updates: Option<watch::Sender<Pod>>,
     pub control: Option<mpsc::UnboundedSender<Control>>,
@@ -215,6 +214,8 @@ pub(crate) struct Shared {
     slots: Mutex<HashSet<String>>,
     pub slot_freed: Notify,
     pods: Mutex<HashMap<String, PodEntry>>,
+    /// Folder of every pod seen, by `(namespace, name)` (the latest of a name), kept after deletion.
+    layouts: Mutex<HashMap<(String, String), PodLayout>>,
     pub cordoned: AtomicBool,
     /// `true` while heartbeats are sent.
     pub heartbeats: watch::Sender<bool>,
@@ -229,6 +230,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     pub(crate) fn pods(&self) -> MutexGuard<'_, HashMap<String, PodEntry>> {
         lock(&self.pods)
+    }
+
+    pub(crate) fn remember_layout(&self, namespace: &str, name: &str, layout: &PodLayout) {
+        lock(&self.layouts).insert((namespace.to_owned(), name.to_owned()), layout.clone());
     }
 
     /// Takes a slot for `uid`; `false` when the node is full (a pod that already holds one keeps it).
@@ -288,6 +293,7 @@ impl NodeHarness {
             slots: Mutex::new(HashSet::new()),
             slot_freed: Notify::new(),
             pods: Mutex::new(HashMap::new()),
+            layouts: Mutex::new(HashMap::new()),
             cordoned: AtomicBool::new(false),
             heartbeats: watch::Sender::new(true),
             workers: watch::Sender::new(0),
@@ -316,13 +322,12 @@ impl NodeHarness {
         &self.shared.config
     }
 
-    /// The local folder of pod `namespace/name` (most recent one of that name), once the node has seen it.
+    /// The local folder of pod `namespace/name` (most recent one of that name) once the node has seen it,
+    /// also after the pod is deleted.
     pub fn pod_layout(&self, namespace: &str, name: &str) -> Option<PodLayout> {
-        self.shared
-            .pods()
-            .values()
-            .find(|e| e.namespace == namespace && e.name == name)
-            .map(|e| e.layout.clone())
+        lock(&self.shared.layouts)
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
     }
 
     /// The main process id of pod `namespace/name` while it runs.

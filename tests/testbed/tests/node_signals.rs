@@ -1,0 +1,187 @@
+//! Node harness on the real API server: deleting a pod sends SIGTERM to its process group (the process
+//! sees it), SIGKILL after the grace period, terminal status, then the pod is removed; eviction and drain
+//! go the same way. Needs the local control plane (`tests/cluster/up.sh`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use azp_testbed::node::testing::{
+    TestNamespace, init_tracing, last_state_before_deletion, pod_phase, shell_pod, terminated,
+    wait_pod_phase,
+};
+use azp_testbed::node::{self, NodeConfig, NodeHarness};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, PostParams};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Traps SIGTERM, reports it on stdout and exits 0; says `ready` once the trap is set.
+const TRAPS_TERM: &str =
+    "trap 'echo got TERM; exit 0' TERM; echo ready; while true; do sleep 0.1; done";
+/// Ignores SIGTERM (so only SIGKILL ends it).
+const IGNORES_TERM: &str = "trap '' TERM; echo ready; while true; do sleep 0.1; done";
+
+/// Waits until the process wrote `needle` to `path` (the trap must be set before the test signals it).
+async fn wait_output(path: &Path, needle: &str) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if std::fs::read_to_string(path).is_ok_and(|s| s.contains(needle)) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} never contained {needle:?}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn start_ready(
+    harness: &NodeHarness,
+    pods: &Api<Pod>,
+    ns: &str,
+    name: &str,
+    script: &str,
+    grace: i64,
+) {
+    let mut pod = shell_pod(name, script);
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.termination_grace_period_seconds = Some(grace);
+    }
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    wait_pod_phase(pods, name, "Running", TIMEOUT).await;
+    let layout = harness
+        .pod_layout(ns, name)
+        .expect("the node knows the pod");
+    wait_output(&layout.stdout, "ready").await;
+}
+
+#[tokio::test]
+async fn deletion_sends_sigterm_that_the_process_sees() {
+    init_tracing();
+    let client = node::client().await;
+    let ns = TestNamespace::create(&client, "node-term").await;
+    let harness = NodeHarness::start(client.clone(), NodeConfig::for_namespace(ns.name()))
+        .await
+        .expect("node harness starts");
+    let pods: Api<Pod> = ns.api();
+    start_ready(&harness, &pods, ns.name(), "graceful", TRAPS_TERM, 30).await;
+
+    let follow = tokio::spawn({
+        let pods = pods.clone();
+        async move { last_state_before_deletion(&pods, "graceful", TIMEOUT).await }
+    });
+    tokio::task::yield_now().await;
+    pods.delete("graceful", &DeleteParams::default())
+        .await
+        .expect("delete pod");
+    let last = follow.await.expect("follower");
+    assert_eq!(
+        pod_phase(&last),
+        Some("Succeeded"),
+        "exit 0 after SIGTERM is a success"
+    );
+    assert_eq!(terminated(&last), Some((0, "Completed".to_owned())));
+    let out = std::fs::read_to_string(
+        harness
+            .pod_layout(ns.name(), "graceful")
+            .expect("known")
+            .stdout,
+    )
+    .expect("stdout");
+    assert!(out.contains("got TERM"), "the process saw SIGTERM: {out:?}");
+    harness.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_process_ignoring_sigterm_is_killed_after_the_grace_period() {
+    init_tracing();
+    let client = node::client().await;
+    let ns = TestNamespace::create(&client, "node-kill").await;
+    let harness = NodeHarness::start(client.clone(), NodeConfig::for_namespace(ns.name()))
+        .await
+        .expect("node harness starts");
+    let pods: Api<Pod> = ns.api();
+    start_ready(&harness, &pods, ns.name(), "stubborn", IGNORES_TERM, 1).await;
+    let follow = tokio::spawn({
+        let pods = pods.clone();
+        async move { last_state_before_deletion(&pods, "stubborn", TIMEOUT).await }
+    });
+    tokio::task::yield_now().await;
+    pods.delete("stubborn", &DeleteParams::default())
+        .await
+        .expect("delete pod");
+    let last = follow.await.expect("follower");
+    assert_eq!(pod_phase(&last), Some("Failed"));
+    assert_eq!(
+        terminated(&last),
+        Some((137, "Error".to_owned())),
+        "SIGKILL after the grace period"
+    );
+    harness.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn eviction_and_drain_stop_pods_through_sigterm() {
+    init_tracing();
+    let client = node::client().await;
+    let ns = TestNamespace::create(&client, "node-drain").await;
+    let harness = NodeHarness::start(client.clone(), NodeConfig::for_namespace(ns.name()))
+        .await
+        .expect("node harness starts");
+    let pods: Api<Pod> = ns.api();
+    for name in ["evicted", "drained-1", "drained-2"] {
+        start_ready(&harness, &pods, ns.name(), name, TRAPS_TERM, 30).await;
+    }
+
+    let follow = tokio::spawn({
+        let pods = pods.clone();
+        async move { last_state_before_deletion(&pods, "evicted", TIMEOUT).await }
+    });
+    tokio::task::yield_now().await;
+    harness
+        .evict_pod(ns.name(), "evicted")
+        .await
+        .expect("evict");
+    let last = follow.await.expect("follower");
+    assert_eq!(terminated(&last), Some((0, "Completed".to_owned())));
+
+    let followers: Vec<_> = ["drained-1", "drained-2"]
+        .into_iter()
+        .map(|name| {
+            let pods = pods.clone();
+            tokio::spawn(async move { last_state_before_deletion(&pods, name, TIMEOUT).await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    let mut evicted = harness.drain().await.expect("drain");
+    evicted.sort();
+    assert_eq!(
+        evicted,
+        vec![
+            format!("{}/drained-1", ns.name()),
+            format!("{}/drained-2", ns.name())
+        ]
+    );
+    for f in followers {
+        let last = f.await.expect("follower");
+        assert_eq!(terminated(&last), Some((0, "Completed".to_owned())));
+    }
+    for name in ["evicted", "drained-1", "drained-2"] {
+        let out =
+            std::fs::read_to_string(harness.pod_layout(ns.name(), name).expect("known").stdout)
+                .expect("stdout");
+        assert!(out.contains("got TERM"), "{name} saw SIGTERM: {out:?}");
+    }
+    let node: Api<Node> = Api::all(client.clone());
+    let n = node.get(harness.node_name()).await.expect("get node");
+    assert_eq!(
+        n.spec.and_then(|s| s.unschedulable),
+        Some(true),
+        "drain cordons the node"
+    );
+    harness.shutdown().await.expect("shutdown");
+}
