@@ -90,9 +90,7 @@ pub enum StandinError {
     AlreadyConfigured,
     #[error("Agent is not configured: {0} is missing. Run config.sh first.")]
     NotConfigured(PathBuf),
-    #[error(
-        "Pool '{0}' not found (or the identity has no access to it). Check --pool and the identity's pool permissions."
-    )]
+    #[error("Agent pool not found: '{0}'. Check --pool, and that the identity can see the pool.")]
     PoolNotFound(String),
     #[error(
         "Pool {pool} already contains an agent with name {agent}. Use --replace to take it over, or pick another --agent name."

@@ -416,6 +416,9 @@ async fn listen(listener: Arc<Listener>, once: bool, mut shutdown: watch::Receiv
                     listener.event("session_expired", json!({"error": e.to_string()}));
                     match create_session(&listener).await {
                         Ok(id) => session_id = id,
+                        // A revoked token ends the run like `TaskAgentAccessTokenExpiredException` (0); any
+                        // other refusal rethrows the session-expired error out of the loop (2).
+                        Err(revoked @ Exit::Code(return_code::SUCCESS, _)) => break revoked,
                         Err(_) => break Exit::Code(return_code::RETRYABLE_ERROR, "session_expired_not_recreated"),
                     }
                 }
@@ -523,7 +526,15 @@ async fn next_message(
                     listener.event("poll_retry", json!({"error": e.to_string()}));
                     tokio::time::sleep(listener.timing.retry_interval).await;
                 }
-                _ => return Err(PollError::Fatal(e)),
+                _ => {
+                    // A deleted agent's token is revoked: the agent sees that before anything else
+                    // ("Agent OAuth token has been revoked"), whatever its last call answered.
+                    listener.tokens.invalidate().await;
+                    if let Err(TokenError::Revoked(revoked)) = listener.tokens.get().await {
+                        return Err(PollError::Revoked(revoked));
+                    }
+                    return Err(PollError::Fatal(e));
+                }
             },
         }
     }
