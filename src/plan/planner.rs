@@ -158,14 +158,18 @@ pub(super) fn plan(
         if job.phase == JobPhase::Finished {
             continue;
         }
+        let busy = agents.holds_request(&job.agent_name);
+        if !busy && let Some(request) = job.for_request {
+            has_live_job.insert(request);
+        }
         // Jobs of an AgentPool we were not given (being deleted, or another ADO pool's) are
-        // neither supply nor ours to act on.
+        // neither supply nor ours to act on; their request still gets no second Job meanwhile.
         let Some(&pi) = pool_index.get(&job.agent_pool) else {
             continue;
         };
         let pool = &mut pools[pi];
         pool.unfinished += 1;
-        if agents.holds_request(&job.agent_name) {
+        if busy {
             pool.counts.busy += 1;
             continue;
         }
@@ -176,9 +180,6 @@ pub(super) fn plan(
             pool.counts.idle += 1;
         } else {
             pool.counts.starting += 1;
-        }
-        if let Some(request) = job.for_request {
-            has_live_job.insert(request);
         }
         let paused = pool.spec.paused;
         // A paused AgentPool's agents still take requests, but nothing of it is removed or replaced.
@@ -336,8 +337,8 @@ pub(super) fn plan(
         });
     }
 
-    // ---- Supply: first every request's own agent, then a maximum matching over the rest ----
-    let mut outcome: Vec<Option<usize>> = vec![None; wants.len()];
+    // ---- Supply: first every request keeps the unclaimed agent started for it ----
+    let mut own: Vec<bool> = vec![false; wants.len()];
     for (wi, want) in wants.iter().enumerate() {
         for &pi in &want.eligible {
             let pool = &mut pools[pi];
@@ -355,146 +356,214 @@ pub(super) fn plan(
                     job.name,
                     phase_word(job, &agents)
                 ));
-                outcome[wi] = Some(pi);
+                own[wi] = true;
                 break;
             }
         }
     }
-    // Standby slots are matched after every request, so requests claim supply first and a
-    // standby that will take a request is replaced right away.
-    let real: Vec<usize> = (0..wants.len()).filter(|&w| outcome[w].is_none()).collect();
-    let mut claims: Vec<Vec<usize>> = real.iter().map(|&w| wants[w].eligible.clone()).collect();
-    let mut standby_owner: Vec<usize> = Vec::new();
-    for (pi, pool) in pools.iter().enumerate() {
-        if !pool.spec.paused {
-            for _ in 0..pool.spec.min_idle {
-                claims.push(vec![pi]);
-                standby_owner.push(pi);
-            }
-        }
-    }
-    let capacity: Vec<usize> = pools.iter().map(|p| p.free.len()).collect();
-    let assignment = max_matching(&claims, &capacity);
-    let mut used = vec![0_usize; pools.len()];
-    for pi in assignment.iter().flatten() {
-        used[*pi] += 1;
-    }
-    for (k, &w) in real.iter().enumerate() {
-        if let Some(pi) = assignment[k] {
-            let want = &wants[w];
-            let pool = &mut pools[pi];
-            pool.pending.push((want.position, want.request.id));
-            pool.matched.push(want.request.id);
-            pool.reasons.push(format!(
-                "request {}: an unclaimed agent of {} can take it (ADO picks which)",
-                want.request.id,
-                pool.label()
-            ));
-            outcome[w] = Some(pi);
-        }
-    }
 
-    // ---- New agents for what is left, by priority with spill-over ----
-    let mut creates: Vec<Action> = Vec::new();
-    let mut planned_names: BTreeSet<(String, String)> = BTreeSet::new();
+    // ---- Then one matching over the whole ADO pool ----
+    // Nodes: `pi` = the existing unclaimed agents of pool `pi`; `np + pi` = the agents pool `pi`
+    // may still create (0 when paused). Claims, in precedence order:
+    //   A. requests that may get a new agent, on existing agents only (queue order);
+    //   B. the same, where left over, on new agents too: highest priority with room first, or
+    //      through a chain that moves an earlier request to a new agent elsewhere;
+    //   C. standby slots (`minIdle`) on existing agents, else a new agent of their own pool, else
+    //      by moving a request to a new agent elsewhere; requests claim supply first, so a
+    //      standby about to take a request is replaced now;
+    //   D. requests that must not get a new agent (their own Job is alive, stuck or unfit) on
+    //      whatever existing agents are still unclaimed.
+    let np = pools.len();
+    let failures: Vec<u32> = pools.iter().map(|p| p.failures).collect();
+    let last_attempt_of = |id: RequestId| last_attempt.get(&id).copied();
+    // A request's next attempt in a pool with failed starts waits out the backoff.
+    let backoff_blocks = |id: RequestId, pi: usize| {
+        let backoff = startup_backoff(failures[pi]);
+        last_attempt
+            .get(&id)
+            .is_some_and(|&(_, created)| now.duration_since(created) < backoff)
+    };
+    let mut capacity = vec![0_usize; 2 * np];
+    for (pi, pool) in pools.iter().enumerate() {
+        capacity[pi] = pool.free.len();
+        capacity[np + pi] = if pool.spec.paused {
+            0
+        } else {
+            pool.room() as usize
+        };
+    }
+    let mut lists: Vec<Vec<usize>> = Vec::new();
+    let mut creatable: Vec<(usize, usize)> = Vec::new(); // (claim, want)
+    let mut blocked: Vec<(usize, usize)> = Vec::new();
     for (wi, want) in wants.iter().enumerate() {
-        if outcome[wi].is_some() {
+        if own[wi] {
             continue;
         }
         let id = want.request.id;
-        let home = want.eligible[0];
-        let blocked_by_own_job = if let Some(stuck) = stuck_for.get(&id) {
+        let mut nodes: Vec<usize> = want.eligible.clone();
+        if has_live_job.contains(&id) {
+            blocked.push((lists.len(), wi));
+        } else {
+            nodes.extend(
+                want.eligible
+                    .iter()
+                    .filter(|&&pi| !backoff_blocks(id, pi))
+                    .map(|&pi| np + pi),
+            );
+            creatable.push((lists.len(), wi));
+        }
+        lists.push(nodes);
+    }
+    let mut standby: Vec<(usize, usize)> = Vec::new(); // (claim, pool)
+    for (pi, pool) in pools.iter().enumerate() {
+        if !pool.spec.paused {
+            for _ in 0..pool.spec.min_idle {
+                standby.push((lists.len(), pi));
+                lists.push(vec![pi, np + pi]);
+            }
+        }
+    }
+    let mut matcher = Matcher::new(capacity, lists, np);
+    for &(claim, _) in &creatable {
+        matcher.assign(claim, true);
+    }
+    for &(claim, _) in &creatable {
+        if matcher.assigned[claim].is_none() {
+            matcher.assign(claim, false);
+        }
+    }
+    for &(claim, pi) in &standby {
+        // Existing agents first, then a new one of its own pool, and only then by moving a
+        // request onto a new agent elsewhere (as the next poll would see it anyway).
+        if !matcher.assign(claim, true) && !matcher.take_if_free(claim, np + pi) {
+            matcher.assign(claim, false);
+        }
+    }
+    for &(claim, _) in &blocked {
+        matcher.assign(claim, true);
+    }
+    let used: Vec<usize> = (0..np).map(|pi| matcher.holders[pi].len()).collect();
+    let new_full: Vec<bool> = (0..np)
+        .map(|pi| matcher.holders[np + pi].len() >= matcher.capacity[np + pi])
+        .collect();
+    let why_not = |pools: &[Pool], id: RequestId, pi: usize| -> Option<String> {
+        let pool = &pools[pi];
+        if pool.spec.paused {
+            Some(format!("{} is paused", pool.label()))
+        } else if backoff_blocks(id, pi) {
             Some(format!(
-                "capped: its agent Job {stuck} is being replaced; a new agent follows once it is gone"
+                "{} backs off {}s after {} failed agent starts",
+                pool.label(),
+                startup_backoff(pool.failures).as_secs(),
+                pool.failures
             ))
-        } else if has_live_job.contains(&id) {
-            Some("capped: it already has an unfinished agent Job that holds no request (no second one)".to_owned())
+        } else if new_full[pi] {
+            Some(format!(
+                "{} is at maxAgents {}",
+                pool.label(),
+                pool.spec.max_agents
+            ))
         } else {
             None
+        }
+    };
+
+    // ---- Outcomes of the requests, in queue order ----
+    let mut claim_of: Vec<Option<usize>> = vec![None; wants.len()];
+    for &(claim, wi) in creatable.iter().chain(&blocked) {
+        claim_of[wi] = Some(claim);
+    }
+    let mut creates: Vec<Action> = Vec::new();
+    let mut planned_names: BTreeSet<(String, String)> = BTreeSet::new();
+    for (wi, want) in wants.iter().enumerate() {
+        let Some(claim) = claim_of[wi] else {
+            continue; // kept its own agent
         };
-        if let Some(why) = blocked_by_own_job {
-            let pool = &mut pools[home];
-            pool.pending.push((want.position, id));
-            pool.reasons.push(format!("request {id}: {why}"));
-            pool.capped.push(Blocked { request: id, why });
-            continue;
-        }
-        let (last, last_created) = last_attempt.get(&id).copied().unwrap_or((0, now));
-        let mut skipped: Vec<String> = Vec::new();
-        let mut chosen = None;
-        for &pi in &want.eligible {
-            let pool = &pools[pi];
-            if pool.spec.paused {
-                skipped.push(format!("{} is paused", pool.label()));
-                continue;
-            }
-            if pool.room() == 0 {
-                skipped.push(format!(
-                    "{} is at maxAgents {}",
-                    pool.label(),
-                    pool.spec.max_agents
+        let id = want.request.id;
+        match matcher.assigned[claim] {
+            Some(node) if node < np => {
+                let pool = &mut pools[node];
+                pool.pending.push((want.position, id));
+                pool.matched.push(id);
+                pool.reasons.push(format!(
+                    "request {id}: an unclaimed agent of {} can take it (ADO picks which)",
+                    pool.label()
                 ));
-                continue;
             }
-            let backoff = startup_backoff(pool.failures);
-            if last > 0 && now.duration_since(last_created) < backoff {
-                skipped.push(format!(
-                    "{} backs off {}s after {} failed agent starts",
-                    pool.label(),
-                    backoff.as_secs(),
-                    pool.failures
-                ));
-                continue;
+            Some(node) => {
+                let pi = node - np;
+                let skipped: Vec<String> = want
+                    .eligible
+                    .iter()
+                    .take_while(|&&p| p != pi)
+                    .filter_map(|&p| why_not(&pools, id, p))
+                    .collect();
+                let last = last_attempt_of(id).map_or(0, |(attempt, _)| attempt);
+                let pool = &mut pools[pi];
+                let mut attempt = last + 1;
+                let mut job_name = request_job_name(&pool.spec.agent_pool.name, id, attempt);
+                while taken_names
+                    .contains(&(pool.spec.agent_pool.namespace.as_str(), job_name.as_str()))
+                {
+                    attempt += 1;
+                    job_name = request_job_name(&pool.spec.agent_pool.name, id, attempt);
+                }
+                let mut reason = format!(
+                    "request {id}: no unclaimed agent is left for it; {} is the first AgentPool by priority whose capabilities satisfy its demands",
+                    pool.label()
+                );
+                if !skipped.is_empty() {
+                    reason.push_str(&format!(" and has room ({})", skipped.join("; ")));
+                }
+                if attempt > 1 {
+                    reason.push_str(&format!(
+                        "; attempt {attempt}: earlier agents for it took other requests, failed or are gone"
+                    ));
+                }
+                pool.created += 1;
+                pool.pending.push((want.position, id));
+                pool.created_for.push(id);
+                pool.reasons.push(reason.clone());
+                planned_names.insert((pool.spec.agent_pool.namespace.clone(), job_name.clone()));
+                creates.push(Action::CreateAgent {
+                    agent_pool: pool.spec.agent_pool.clone(),
+                    job_name,
+                    for_request: Some(id),
+                    attempt,
+                    reason,
+                });
             }
-            chosen = Some(pi);
-            break;
+            None => {
+                let why = if let Some(stuck) = stuck_for.get(&id) {
+                    format!(
+                        "capped: its agent Job {stuck} is being replaced; a new agent follows once it is gone"
+                    )
+                } else if has_live_job.contains(&id) {
+                    "capped: it already has an unfinished agent Job that holds no request (no second one)".to_owned()
+                } else {
+                    let reasons: Vec<String> = want
+                        .eligible
+                        .iter()
+                        .filter_map(|&p| why_not(&pools, id, p))
+                        .collect();
+                    format!("capped: {}", reasons.join("; "))
+                };
+                let pool = &mut pools[want.eligible[0]];
+                pool.pending.push((want.position, id));
+                pool.reasons.push(format!("request {id}: {why}"));
+                pool.capped.push(Blocked { request: id, why });
+            }
         }
-        let Some(pi) = chosen else {
-            let why = format!("capped: {}", skipped.join("; "));
-            let pool = &mut pools[home];
-            pool.pending.push((want.position, id));
-            pool.reasons.push(format!("request {id}: {why}"));
-            pool.capped.push(Blocked { request: id, why });
-            continue;
-        };
-        let pool = &mut pools[pi];
-        let mut attempt = last + 1;
-        let mut job_name = request_job_name(&pool.spec.agent_pool.name, id, attempt);
-        while taken_names.contains(&(pool.spec.agent_pool.namespace.as_str(), job_name.as_str())) {
-            attempt += 1;
-            job_name = request_job_name(&pool.spec.agent_pool.name, id, attempt);
-        }
-        let mut reason = format!(
-            "request {id}: no unclaimed agent can take it; {} is the first AgentPool by priority whose capabilities satisfy its demands",
-            pool.label()
-        );
-        if !skipped.is_empty() {
-            reason.push_str(&format!(" and has room ({})", skipped.join("; ")));
-        }
-        if attempt > 1 {
-            reason.push_str(&format!(
-                "; attempt {attempt}: earlier agents for it took other requests, failed or are gone"
-            ));
-        }
-        pool.created += 1;
-        pool.pending.push((want.position, id));
-        pool.created_for.push(id);
-        pool.reasons.push(reason.clone());
-        planned_names.insert((pool.spec.agent_pool.namespace.clone(), job_name.clone()));
-        creates.push(Action::CreateAgent {
-            agent_pool: pool.spec.agent_pool.clone(),
-            job_name,
-            for_request: Some(id),
-            attempt,
-            reason,
-        });
     }
 
     // ---- Standby (minIdle) and surplus ----
-    let mut standby_missing = vec![0_u32; pools.len()];
-    for (k, &pi) in standby_owner.iter().enumerate() {
-        if assignment[real.len() + k].is_none() {
-            standby_missing[pi] += 1;
+    let mut standby_new = vec![0_u32; np];
+    let mut standby_missing = vec![0_u32; np];
+    for &(claim, pi) in &standby {
+        match matcher.assigned[claim] {
+            Some(node) if node >= np => standby_new[pi] += 1,
+            Some(_) => {}
+            None => standby_missing[pi] += 1,
         }
     }
     let mut standby_creates: Vec<Action> = Vec::new();
@@ -506,19 +575,15 @@ pub(super) fn plan(
             }
             continue;
         }
-        let missing = standby_missing[pi];
-        let make = missing.min(pool.room());
-        if make < missing {
+        if standby_missing[pi] > 0 {
             pool.reasons.push(format!(
                 "minIdle {}: {} standby agents short, at maxAgents {}",
-                pool.spec.min_idle,
-                missing - make,
-                pool.spec.max_agents
+                pool.spec.min_idle, standby_missing[pi], pool.spec.max_agents
             ));
         }
         let namespace = pool.spec.agent_pool.namespace.clone();
         let mut n = 0_u32;
-        for _ in 0..make {
+        for _ in 0..standby_new[pi] {
             let job_name = loop {
                 let candidate = standby_job_name(&pool.spec.agent_pool.name, n);
                 n += 1;
@@ -560,10 +625,10 @@ pub(super) fn plan(
             });
             for job in candidates.into_iter().take(surplus) {
                 let reason = format!(
-                    "surplus: {} unclaimed agents in {} for {} pending requests it can serve plus minIdle {}",
+                    "surplus: {} unclaimed agents in {}, {} of them needed for pending requests and minIdle {}",
                     pool.free.len(),
                     pool.label(),
-                    used[pi].saturating_sub(pool.spec.min_idle as usize),
+                    used[pi],
                     pool.spec.min_idle
                 );
                 pool.reasons
@@ -653,55 +718,89 @@ fn phase_word(job: &AgentJob, agents: &AgentIndex<'_>) -> &'static str {
     }
 }
 
-/// A maximum matching of claims (each a list of acceptable pools, in preference order) to pools
-/// with capacities, found with augmenting paths in claim order. A claim matched once stays
-/// matched (it may move to another of its pools), so earlier claims win when not all can be met;
-/// the result is deterministic.
-fn max_matching(claims: &[Vec<usize>], capacity: &[usize]) -> Vec<Option<usize>> {
-    let mut assigned: Vec<Option<usize>> = vec![None; claims.len()];
-    let mut holders: Vec<Vec<usize>> = vec![Vec::new(); capacity.len()];
-    for claim in 0..claims.len() {
-        let mut visited = vec![false; capacity.len()];
-        augment(
-            claim,
-            claims,
-            capacity,
-            &mut assigned,
-            &mut holders,
-            &mut visited,
-        );
-    }
-    assigned
+/// Bipartite matching of claims (each a list of acceptable nodes, in preference order) to nodes
+/// with capacities, by augmenting paths. A claim matched once stays matched (it may move to
+/// another of its nodes), so earlier claims win when not all can be met; deterministic.
+struct Matcher {
+    capacity: Vec<usize>,
+    lists: Vec<Vec<usize>>,
+    /// Nodes from this index on are "new agents", which `existing_only` searches skip.
+    first_new: usize,
+    assigned: Vec<Option<usize>>,
+    holders: Vec<Vec<usize>>,
 }
 
-fn augment(
-    claim: usize,
-    claims: &[Vec<usize>],
-    capacity: &[usize],
-    assigned: &mut [Option<usize>],
-    holders: &mut [Vec<usize>],
-    visited: &mut [bool],
-) -> bool {
-    for &pool in &claims[claim] {
-        if visited[pool] || capacity[pool] == 0 {
-            continue;
-        }
-        visited[pool] = true;
-        if holders[pool].len() < capacity[pool] {
-            holders[pool].push(claim);
-            assigned[claim] = Some(pool);
-            return true;
-        }
-        for k in 0..holders[pool].len() {
-            let other = holders[pool][k];
-            if augment(other, claims, capacity, assigned, holders, visited) {
-                holders[pool][k] = claim;
-                assigned[claim] = Some(pool);
-                return true;
-            }
+impl Matcher {
+    fn new(capacity: Vec<usize>, lists: Vec<Vec<usize>>, first_new: usize) -> Self {
+        let holders = vec![Vec::new(); capacity.len()];
+        let assigned = vec![None; lists.len()];
+        Self {
+            capacity,
+            lists,
+            first_new,
+            assigned,
+            holders,
         }
     }
-    false
+
+    fn allowed(&self, node: usize, existing_only: bool) -> bool {
+        !(existing_only && node >= self.first_new)
+    }
+
+    fn has_room(&self, node: usize) -> bool {
+        self.holders[node].len() < self.capacity[node]
+    }
+
+    /// Matches `claim`: a node of its list with room (in preference order), else an augmenting
+    /// path. Returns whether it is matched.
+    fn assign(&mut self, claim: usize, existing_only: bool) -> bool {
+        let direct = self.lists[claim]
+            .iter()
+            .copied()
+            .find(|&node| self.allowed(node, existing_only) && self.has_room(node));
+        if let Some(node) = direct {
+            self.holders[node].push(claim);
+            self.assigned[claim] = Some(node);
+            return true;
+        }
+        let mut visited = vec![false; self.capacity.len()];
+        self.augment(claim, existing_only, &mut visited)
+    }
+
+    /// Matches `claim` to `node` only if it has room right now.
+    fn take_if_free(&mut self, claim: usize, node: usize) -> bool {
+        if self.has_room(node) {
+            self.holders[node].push(claim);
+            self.assigned[claim] = Some(node);
+            true
+        } else {
+            false
+        }
+    }
+
+    fn augment(&mut self, claim: usize, existing_only: bool, visited: &mut [bool]) -> bool {
+        for i in 0..self.lists[claim].len() {
+            let node = self.lists[claim][i];
+            if visited[node] || self.capacity[node] == 0 || !self.allowed(node, existing_only) {
+                continue;
+            }
+            visited[node] = true;
+            if self.has_room(node) {
+                self.holders[node].push(claim);
+                self.assigned[claim] = Some(node);
+                return true;
+            }
+            for k in 0..self.holders[node].len() {
+                let other = self.holders[node][k];
+                if self.augment(other, existing_only, visited) {
+                    self.holders[node][k] = claim;
+                    self.assigned[claim] = Some(node);
+                    return true;
+                }
+            }
+        }
+        false
+    }
 }
 
 #[cfg(test)]
@@ -719,16 +818,39 @@ mod tests {
         assert_eq!(startup_backoff(u32::MAX), BACKOFF_MAX);
     }
 
+    fn run(lists: Vec<Vec<usize>>, capacity: Vec<usize>) -> Vec<Option<usize>> {
+        let n = lists.len();
+        let mut m = Matcher::new(capacity, lists, usize::MAX);
+        for claim in 0..n {
+            m.assign(claim, false);
+        }
+        m.assigned
+    }
+
     #[test]
     fn matching_moves_earlier_claims_to_make_room() {
-        // Claim 0 could use pool 0 or 1; claim 1 only pool 0; one agent each.
-        let got = max_matching(&[vec![0, 1], vec![0]], &[1, 1]);
-        assert_eq!(got, vec![Some(1), Some(0)]);
+        // Claim 0 could use node 0 or 1; claim 1 only node 0; one place each.
+        assert_eq!(
+            run(vec![vec![0, 1], vec![0]], vec![1, 1]),
+            vec![Some(1), Some(0)]
+        );
     }
 
     #[test]
     fn matching_keeps_earlier_claims_when_short() {
-        let got = max_matching(&[vec![0], vec![0], vec![0]], &[2]);
-        assert_eq!(got, vec![Some(0), Some(0), None]);
+        assert_eq!(
+            run(vec![vec![0], vec![0], vec![0]], vec![2]),
+            vec![Some(0), Some(0), None]
+        );
+    }
+
+    #[test]
+    fn existing_only_searches_never_use_new_nodes() {
+        // Node 1 is "new". Claim 1 could push claim 0 there, but not in an existing-only search.
+        let mut m = Matcher::new(vec![1, 1], vec![vec![0, 1], vec![0]], 1);
+        assert!(m.assign(0, true));
+        assert!(!m.assign(1, true));
+        assert!(m.assign(1, false));
+        assert_eq!(m.assigned, vec![Some(1), Some(0)]);
     }
 }

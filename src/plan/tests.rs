@@ -1227,3 +1227,266 @@ fn job_names_are_dns_labels_within_52() {
     }
     assert_idempotent(world);
 }
+
+// ---------------------------------------------------------------- invariants over generated worlds
+
+/// A small deterministic generator (xorshift64*), so failures reproduce from the seed.
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+fn generated_world(seed: u64) -> World {
+    let mut g = Gen(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let pool_names = ["linux", "gpu", "win"];
+    let caps: [&[(&str, &str)]; 3] = [
+        &[("Agent.OS", "Linux"), ("docker", "")],
+        &[("Agent.OS", "Linux"), ("gpu", "a100")],
+        &[("Agent.OS", "Windows_NT")],
+    ];
+    let mut world = World::new();
+    for (i, name) in pool_names.iter().enumerate() {
+        if g.below(4) == 0 {
+            continue;
+        }
+        world = world.pool(name, g.below(3) as i32, caps[i]);
+        let (min_idle, max_agents, paused) =
+            (g.below(3) as u32, g.below(8) as u32, g.below(6) == 0);
+        world = world.tune(name, |s| {
+            s.min_idle = min_idle;
+            s.max_agents = max_agents;
+            s.paused = paused;
+        });
+    }
+    let demands: [&[&str]; 6] = [
+        &[],
+        &["docker"],
+        &["gpu", "Agent.OS -equals linux"],
+        &["Agent.OS -equals Windows_NT"],
+        &["Agent.Version -gtVersion 4.0"],
+        &["cobol"],
+    ];
+    let phases = [JobPhase::Starting, JobPhase::Running, JobPhase::Finished];
+    let mut next_id = 1;
+    for _ in 0..g.below(12) {
+        let chosen: &[&str] = demands[g.below(demands.len() as u64) as usize];
+        world = world.pending(next_id, g.below(50) as i64, chosen);
+        next_id += 1;
+    }
+    for k in 0..g.below(10) {
+        let pool = *g.pick(&pool_names);
+        let for_request = match g.below(3) {
+            0 => None,
+            _ => Some(1 + g.below(next_id as u64 + 2) as i64),
+        };
+        let name = format!("{pool}-gen-{k}");
+        let phase = *g.pick(&phases);
+        world = world.job(
+            &name,
+            pool,
+            for_request,
+            1 + g.below(2) as u32,
+            g.below(1000) as i64,
+            phase,
+        );
+        match g.below(4) {
+            0 => world = world.running(100 + k as i64, &name),
+            1 => {
+                world = world.ado_agent(500 + k as i64, &name, |a| {
+                    a.enabled = k % 3 != 0;
+                    a.assigned_request = (k % 2 == 0).then_some(700 + k as i64);
+                })
+            }
+            _ => {}
+        }
+    }
+    if g.below(3) == 0 {
+        world = world.parallel(g.below(6) as u32, g.below(4) as u32);
+    }
+    for name in pool_names {
+        if g.below(4) == 0 {
+            let failures = 1 + g.below(5) as u32;
+            world
+                .cluster
+                .startup_failures
+                .insert(pref(name).to_string(), failures);
+        }
+    }
+    world
+}
+
+fn busy_jobs(world: &World) -> BTreeSet<String> {
+    let reserved: BTreeSet<String> = world
+        .ado
+        .requests
+        .iter()
+        .filter_map(|r| r.reserved_agent.as_ref().map(|a| a.name.to_lowercase()))
+        .collect();
+    world
+        .cluster
+        .jobs
+        .iter()
+        .filter(|j| {
+            reserved.contains(&j.agent_name.to_lowercase())
+                || world.ado.agents.iter().any(|a| {
+                    a.name.eq_ignore_ascii_case(&j.agent_name) && a.assigned_request.is_some()
+                })
+        })
+        .map(|j| j.name.clone())
+        .collect()
+}
+
+fn check_invariants(seed: u64, world: &World, plan: &Plan) {
+    let busy = busy_jobs(world);
+    let spec = |pool: &PoolRef| world.specs.iter().find(|s| &s.agent_pool == pool);
+    let mut names: BTreeSet<(String, String)> = world
+        .cluster
+        .jobs
+        .iter()
+        .map(|j| (j.agent_pool.namespace.clone(), j.name.clone()))
+        .collect();
+    let mut new_per_pool: BTreeMap<PoolRef, u32> = BTreeMap::new();
+    for action in &plan.actions {
+        let pool = spec(action.agent_pool()).expect("actions only for given AgentPools");
+        assert!(
+            !pool.paused,
+            "seed {seed}: action in a paused pool: {action:?}"
+        );
+        match action {
+            Action::RemoveIdleAgent { job_name, .. }
+            | Action::ReplaceStuckAgent { job_name, .. } => {
+                assert!(
+                    !busy.contains(job_name),
+                    "seed {seed}: busy agent removed: {action:?}"
+                );
+            }
+            Action::CreateAgent {
+                agent_pool,
+                job_name,
+                for_request,
+                ..
+            } => {
+                assert!(
+                    names.insert((agent_pool.namespace.clone(), job_name.clone())),
+                    "seed {seed}: Job name reused: {job_name}"
+                );
+                assert!(job_name.len() <= names::MAX_JOB_NAME_LEN);
+                *new_per_pool.entry(agent_pool.clone()).or_default() += 1;
+                if let Some(id) = for_request {
+                    let request = world
+                        .ado
+                        .requests
+                        .iter()
+                        .find(|r| r.id == *id)
+                        .expect("known request");
+                    assert!(
+                        request.is_pending(),
+                        "seed {seed}: agent for a request that is not pending"
+                    );
+                    let caps: Capabilities = pool
+                        .capabilities
+                        .iter()
+                        .chain([(&"Agent.Version".to_owned(), &pool.agent_version)])
+                        .collect();
+                    for demand in &request.demands {
+                        let demand = Demand::parse(demand).expect("servable demands parse");
+                        assert!(
+                            demand.is_satisfied_by(&caps),
+                            "seed {seed}: {demand} unmet in {agent_pool}"
+                        );
+                    }
+                    let second = world.cluster.jobs.iter().any(|j| {
+                        j.for_request == Some(*id)
+                            && j.phase != JobPhase::Finished
+                            && !busy.contains(&j.name)
+                    });
+                    assert!(
+                        !second,
+                        "seed {seed}: second unfinished Job for request {id}"
+                    );
+                }
+            }
+        }
+    }
+    for (pool, new) in new_per_pool {
+        let max = spec(&pool).map_or(0, |s| s.max_agents);
+        let unfinished = world
+            .cluster
+            .jobs
+            .iter()
+            .filter(|j| j.agent_pool == pool && j.phase != JobPhase::Finished)
+            .count() as u32;
+        assert!(
+            unfinished + new <= max,
+            "seed {seed}: {pool} over maxAgents {max}"
+        );
+    }
+}
+
+#[test]
+fn generated_worlds_keep_the_invariants_and_settle() {
+    for seed in 0..2000 {
+        let mut world = generated_world(seed);
+        let first = world.plan();
+        check_invariants(seed, &world, &first);
+
+        let mut shuffled = world.clone();
+        shuffled.ado.requests.reverse();
+        shuffled.cluster.jobs.reverse();
+        shuffled.ado.agents.reverse();
+        assert_eq!(
+            shuffled.plan(),
+            first,
+            "seed {seed}: input order changed the plan"
+        );
+
+        // Creating is idempotent: when nothing was removed or replaced, the next plan is empty.
+        // (With a startup backoff running, a request held back by it may take a new standby
+        // agent, which is then replaced one poll later: that is the settling below.)
+        let only_creates = first
+            .actions
+            .iter()
+            .all(|a| matches!(a, Action::CreateAgent { .. }));
+        if only_creates && world.cluster.startup_failures.is_empty() {
+            let mut after = world.clone();
+            after.apply(&first);
+            let second = after.plan();
+            assert!(
+                second.actions.is_empty(),
+                "seed {seed}: after {:#?}\nstill {:#?}",
+                first.actions,
+                second.actions
+            );
+        }
+
+        // Otherwise it settles one poll later (a stuck or removed agent's request gets its new
+        // Job once the old one is gone).
+        let mut plan = first;
+        let mut rounds = 0;
+        while !plan.actions.is_empty() {
+            rounds += 1;
+            assert!(
+                rounds <= 3,
+                "seed {seed}: no fixed point, still {:#?}",
+                plan.actions
+            );
+            world.apply(&plan);
+            plan = world.plan();
+            check_invariants(seed, &world, &plan);
+        }
+    }
+}
