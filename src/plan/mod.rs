@@ -23,10 +23,15 @@
 //! never reduce the agents created for other requests (KEDA #7878), and a request that ADO has
 //! already given to an agent is not pending, so it gets no further agent (KEDA #7747).
 //!
-//! **Matching.** Each pending request first keeps the unclaimed agent started for it; the other
-//! requests are matched to the remaining unclaimed agents of any AgentPool that can serve them, as
-//! a maximum matching over the whole ADO pool (ADO decides which agent takes which request; an
-//! agent started for R may well take S). Only the requests left over get new agents.
+//! **Matching.** Each pending request first keeps the unclaimed agent started for it. Then one
+//! maximum matching over the whole ADO pool (ADO decides which agent takes which request; an
+//! agent started for R may well take S) pairs the other requests with the remaining unclaimed
+//! agents of any AgentPool that can serve them, and only the requests left over get new agents.
+//! The matching also sees the agents each AgentPool may still create, so when a full AgentPool's
+//! agent is the only one that fits a later request, an earlier request that fits elsewhere gets
+//! the new agent elsewhere. Precedence, highest first: requests (queue order) on existing agents,
+//! the same on new agents, standby slots, then requests that must not get a new agent now
+//! (their own Job is alive, stuck or in an unknown AgentPool) on what is still unclaimed.
 //!
 //! **Routing.** A left-over request goes to the first AgentPool, by priority, whose capabilities
 //! satisfy *all* its demands and that has room; an AgentPool that is paused, at `maxAgents`

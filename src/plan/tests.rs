@@ -740,6 +740,28 @@ fn matching_is_maximal_across_pools() {
 }
 
 #[test]
+fn a_full_pool_is_relieved_by_moving_a_flexible_request_elsewhere() {
+    // The GPU pool is at maxAgents with one free agent. Request 1 runs anywhere on Linux, request
+    // 2 needs the GPU. The GPU agent is left for 2 and the new agent is made for 1 in the Linux
+    // pool, instead of capping 2.
+    let world = World::new()
+        .pool("linux", 1, &[("Agent.OS", "Linux")])
+        .pool("gpu", 5, &[("Agent.OS", "Linux"), ("gpu", "a100")])
+        .tune("gpu", |s| s.max_agents = 1)
+        .job("gpu-standby-0", "gpu", None, 1, 900, JobPhase::Running)
+        .pending(1, 1, &["Agent.OS -equals Linux"])
+        .pending(2, 2, &["gpu"]);
+    let plan = world.plan();
+    assert_eq!(
+        creates(&plan),
+        vec![(s("linux"), s("linux-1-1"), Some(1), 1)]
+    );
+    assert_eq!(summary(&plan, "gpu").matched, vec![2]);
+    assert!(summary(&plan, "gpu").capped.is_empty());
+    assert_idempotent(world);
+}
+
+#[test]
 fn agents_of_paused_pools_still_serve_requests() {
     let world = World::new()
         .pool("linux", 0, &[])
