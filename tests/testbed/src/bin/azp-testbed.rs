@@ -7,7 +7,10 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: azp-testbed <sim|node|standin-layout DIR [--listener PATH]> …
+use clap::Parser as _;
+
+const USAGE: &str =
+    "usage: azp-testbed <sim [--config FILE] | node --help | standin-layout DIR [--listener PATH]>
 (invoked as Agent.Listener it is the stand-in agent's listener)";
 
 fn main() -> ExitCode {
@@ -29,9 +32,22 @@ fn main() -> ExitCode {
         "standin-layout" => standin_layout(tail),
         // Hidden: the stand-in's probe "job step".
         "standin-step" => exit(azp_testbed::standin::probe_step_main()),
-        "sim" | "node" => {
-            eprintln!("azp-testbed {command}: not wired in this build yet");
-            ExitCode::from(2)
+        "sim" => run_async(sim(tail)),
+        "node" => {
+            let parsed = NodeCli::try_parse_from(
+                std::iter::once("azp-testbed node").chain(tail.iter().map(String::as_str)),
+            );
+            match parsed {
+                Ok(cli) => run_async(async move {
+                    azp_testbed::node::run_cli(cli.args)
+                        .await
+                        .map_err(|e| e.to_string())
+                }),
+                Err(e) => {
+                    let _ = e.print();
+                    ExitCode::from(2)
+                }
+            }
         }
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
@@ -42,6 +58,62 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `azp-testbed node …`: the node harness' own flags.
+#[derive(clap::Parser)]
+struct NodeCli {
+    #[command(flatten)]
+    args: azp_testbed::node::NodeArgs,
+}
+
+fn run_async(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    azp_testbed::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("azp-testbed: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("azp-testbed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `azp-testbed sim [--config FILE]`: runs the simulator (settings: a JSON `SimConfig`, camelCase) until
+/// SIGINT/SIGTERM, printing its URLs as one JSON line.
+async fn sim(args: &[String]) -> Result<(), String> {
+    use azp_testbed::sim::{SimConfig, Simulator};
+    use tokio::signal::unix::{SignalKind, signal};
+    let config = match args {
+        [] => SimConfig::default(),
+        [flag, path] if flag == "--config" => {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("sim --config {path}: {e}"))?;
+            serde_json::from_str(&text).map_err(|e| {
+                format!("sim --config {path}: not a valid simulator config (JSON SimConfig, camelCase): {e}")
+            })?
+        }
+        _ => return Err("usage: azp-testbed sim [--config FILE]".into()),
+    };
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let sim = Simulator::start(config).await.map_err(|e| e.to_string())?;
+    println!("{}", sim.urls_json());
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    sim.shutdown();
+    Ok(())
 }
 
 fn standin_layout(args: &[String]) -> ExitCode {
