@@ -143,6 +143,12 @@ pub(crate) fn mint_access_token(
     jsonwebtoken::encode(&header, &claims, &sh.keys.encoding).unwrap_or_default()
 }
 
+pub(crate) fn sign_claims(sh: &Shared, claims: &Value) -> String {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(sh.keys.kid.clone());
+    jsonwebtoken::encode(&header, claims, &sh.keys.encoding).unwrap_or_default()
+}
+
 /// Why an ADO bearer token was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum TokenRejection {

@@ -877,6 +877,12 @@ impl Simulator {
         entra::mint_access_token(&self.shared, &tenant, client_id, object_id, lifetime)
     }
 
+    /// Signs arbitrary claims with the simulator's access-token key (for tests of token validation:
+    /// wrong audience, odd claims).
+    pub fn sign_claims(&self, claims: &serde_json::Value) -> String {
+        entra::sign_claims(&self.shared, claims)
+    }
+
     // ---- workload ------------------------------------------------------------------------------
 
     /// Queues a job request; returns its id. With `delay_ms` the request appears that much later
