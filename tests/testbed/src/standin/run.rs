@@ -836,6 +836,13 @@ fn task_result_name(result: &str) -> String {
 
 /// `CreateSessionAsync` with the agent's retry rules. `Err` carries the exit.
 async fn create_session(listener: &Listener) -> Result<String, Exit> {
+    // `TaskAgentSession(ownerName, agent, systemCapabilities)`: the capabilities are scanned again at
+    // every start, from the listener's environment as it is now.
+    let capabilities = super::capabilities::system_capabilities(
+        &listener.ctx.env,
+        &listener.settings.agent_name,
+        &listener.ctx.root,
+    );
     let body = json!({
         "ownerName": super::capabilities::computer_name(),
         "agent": {
@@ -844,6 +851,7 @@ async fn create_session(listener: &Listener) -> Result<String, Exit> {
             "version": AGENT_VERSION,
             "osDescription": super::capabilities::os_description(),
         },
+        "systemCapabilities": capabilities,
     });
     let started = Instant::now();
     loop {
