@@ -728,18 +728,26 @@ struct Matcher {
     first_new: usize,
     assigned: Vec<Option<usize>>,
     holders: Vec<Vec<usize>>,
+    /// Nodes a failed search visited: no augmenting path leads through them until the matching
+    /// changes, so later searches (with the same `existing_only`) skip them. This keeps a burst
+    /// of requests that cannot all be served linear instead of quadratic.
+    dead: Vec<bool>,
+    dead_for_existing_only: Option<bool>,
 }
 
 impl Matcher {
     fn new(capacity: Vec<usize>, lists: Vec<Vec<usize>>, first_new: usize) -> Self {
         let holders = vec![Vec::new(); capacity.len()];
         let assigned = vec![None; lists.len()];
+        let dead = vec![false; capacity.len()];
         Self {
             capacity,
             lists,
             first_new,
             assigned,
             holders,
+            dead,
+            dead_for_existing_only: None,
         }
     }
 
@@ -761,10 +769,25 @@ impl Matcher {
         if let Some(node) = direct {
             self.holders[node].push(claim);
             self.assigned[claim] = Some(node);
+            self.forget_dead();
             return true;
         }
-        let mut visited = vec![false; self.capacity.len()];
-        self.augment(claim, existing_only, &mut visited)
+        if self.dead_for_existing_only != Some(existing_only) {
+            self.forget_dead();
+            self.dead_for_existing_only = Some(existing_only);
+        }
+        let mut visited = std::mem::take(&mut self.dead);
+        let found = self.augment(claim, existing_only, &mut visited);
+        self.dead = visited;
+        if found {
+            self.forget_dead();
+        }
+        found
+    }
+
+    fn forget_dead(&mut self) {
+        self.dead.iter_mut().for_each(|d| *d = false);
+        self.dead_for_existing_only = None;
     }
 
     /// Matches `claim` to `node` only if it has room right now.
@@ -772,6 +795,7 @@ impl Matcher {
         if self.has_room(node) {
             self.holders[node].push(claim);
             self.assigned[claim] = Some(node);
+            self.forget_dead();
             true
         } else {
             false

@@ -1444,6 +1444,56 @@ fn check_invariants(seed: u64, world: &World, plan: &Plan) {
             }
         }
     }
+    // No churn: an agent removed as surplus could not have served anything created for.
+    let can_serve = |pool: &AgentPoolSpec, request: &JobRequest| {
+        let caps: Capabilities = pool
+            .capabilities
+            .iter()
+            .chain([(&"Agent.Version".to_owned(), &pool.agent_version)])
+            .collect();
+        request
+            .demands
+            .iter()
+            .all(|d| Demand::parse(d).is_ok_and(|d| d.is_satisfied_by(&caps)))
+    };
+    for removal in &plan.actions {
+        let Action::RemoveIdleAgent {
+            agent_pool, reason, ..
+        } = removal
+        else {
+            continue;
+        };
+        if !reason.starts_with("surplus") {
+            continue;
+        }
+        let from = spec(agent_pool).expect("known pool");
+        for create in plan.creates() {
+            let Action::CreateAgent {
+                agent_pool: to,
+                for_request,
+                ..
+            } = create
+            else {
+                continue;
+            };
+            assert!(
+                to != agent_pool,
+                "seed {seed}: {to} creates and removes surplus at once"
+            );
+            if let Some(id) = for_request {
+                let request = world
+                    .ado
+                    .requests
+                    .iter()
+                    .find(|r| r.id == *id)
+                    .expect("known");
+                assert!(
+                    !can_serve(from, request),
+                    "seed {seed}: removes {removal:?} yet creates for request {id}"
+                );
+            }
+        }
+    }
     for (pool, new) in new_per_pool {
         let max = spec(&pool).map_or(0, |s| s.max_agents);
         let unfinished = world
