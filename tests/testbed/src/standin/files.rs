@@ -287,6 +287,25 @@ mod tests {
     }
 
     #[test]
+    fn a_held_listener_lock_names_its_pid_and_is_released_on_drop() {
+        let dir = temp_dir("lock");
+        ListenerLock::ensure_not_running(&dir).expect("no lock file: not running");
+        let lock = ListenerLock::acquire(&dir).expect("acquire");
+        match ListenerLock::ensure_not_running(&dir) {
+            Err(StandinError::AgentRunning(pid)) => assert_eq!(pid, std::process::id()),
+            other => panic!("expected AgentRunning, got {other:?}"),
+        }
+        assert!(matches!(
+            ListenerLock::acquire(&dir),
+            Err(StandinError::AgentRunning(_))
+        ));
+        drop(lock);
+        ListenerLock::ensure_not_running(&dir).expect("released");
+        assert!(!dir.join(LISTENER_LOCK_FILE).exists());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
     fn missing_agent_file_says_configure_first() {
         let dir = temp_dir("missing");
         let err = load_settings(&dir).unwrap_err();
