@@ -690,6 +690,55 @@ impl AdoClient {
     }
 }
 
+/// One [`AdoClient`] per (organization, identity), so every AgentPool that names the same
+/// organization and identity shares one rate-limit state and token cache.
+#[derive(Clone, Default)]
+pub struct AdoClients {
+    clients: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), AdoClient>>>,
+    config: AdoClientConfig,
+}
+
+impl std::fmt::Debug for AdoClients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdoClients").finish_non_exhaustive()
+    }
+}
+
+impl AdoClients {
+    /// An empty registry whose clients get `config`.
+    pub fn new(config: AdoClientConfig) -> Self {
+        Self {
+            clients: Arc::default(),
+            config,
+        }
+    }
+
+    /// The client of (`organization_url`, the identity of `tokens`): the existing one when there is
+    /// one (then `tokens` is dropped and the existing token cache is used), else a new one.
+    pub fn get(&self, organization_url: &str, tokens: TokenSource) -> Result<AdoClient, AdoError> {
+        let org = parse_organization(organization_url)?;
+        let key = (org.as_str().to_ascii_lowercase(), tokens.identity_key());
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(existing) = clients.get(&key) {
+            return Ok(existing.clone());
+        }
+        let client = AdoClient::with_config(org.as_str(), tokens, self.config.clone())?;
+        clients.insert(key, client.clone());
+        Ok(client)
+    }
+
+    /// Forgets every client (e.g. after the identity configuration changed).
+    pub fn clear(&self) {
+        self.clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+}
+
 fn endpoint_path(organization: &str, endpoint: &str) -> String {
     format!("{organization}/_apis/distributedtask ({endpoint})")
 }
@@ -834,6 +883,30 @@ mod tests {
             "no details in the answer"
         );
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+
+    #[test]
+    fn registry_shares_one_client_per_organization_and_identity() {
+        let fixed = TokenSource::fixed(super::super::auth::AccessToken::new(
+            "t",
+            super::super::auth::AuthScheme::Bearer,
+            None,
+        ));
+        let reg = AdoClients::default();
+        let a = reg
+            .get("https://dev.azure.com/contoso", fixed.clone())
+            .unwrap();
+        let b = reg
+            .get("https://dev.azure.com/Contoso/", fixed.clone())
+            .unwrap();
+        assert!(Arc::ptr_eq(&a.inner, &b.inner));
+        let other_identity = TokenSource::pat_file("/p");
+        let c = reg
+            .get("https://dev.azure.com/contoso", other_identity)
+            .unwrap();
+        assert!(!Arc::ptr_eq(&a.inner, &c.inner));
+        let d = reg.get("https://dev.azure.com/fabrikam", fixed).unwrap();
+        assert!(!Arc::ptr_eq(&a.inner, &d.inner));
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ pub mod ratelimit;
 pub use auth::{
     ADO_SCOPE, AccessToken, AuthError, AuthScheme, TokenSource, WorkloadIdentityConfig,
 };
-pub use client::{AdoClient, AdoClientConfig, AgentQuery, AgentUpdate, DeleteOutcome};
+pub use client::{AdoClient, AdoClientConfig, AdoClients, AgentQuery, AgentUpdate, DeleteOutcome};
 pub use error::AdoError;
 pub use models::{
     AgentStatus, Demand, ListResponse, ResourceLimit, ResourceUsage, TaskAgent,
