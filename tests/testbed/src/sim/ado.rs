@@ -460,12 +460,12 @@ async fn handle(
     let seg: Vec<&str> = path.split('/').collect();
     let query = query_map(&uri);
     match seg.as_slice() {
-        ["_testbed", rest @ ..] => return control::handle(&sh, &method, rest, &query, &body).await,
+        ["_testbed", rest @ ..] => control::handle(&sh, &method, rest, &query, &body).await,
         ["_vstoken", org, "oauth2", "token"] if method == Method::POST => {
-            return agent_oauth(&sh, org, &body);
+            agent_oauth(&sh, org, &body)
         }
         [org, "_testbed", "requests", id, "report"] if method == Method::POST => {
-            return report(&sh, org, id, &body);
+            report(&sh, org, id, &body)
         }
         [org, "_apis", "distributedtask", rest @ ..] => {
             let org = org.to_ascii_lowercase();
@@ -815,7 +815,7 @@ fn jobrequests_list(w: &World, c: &Ctx<'_>, pool: u32) -> Reply {
         finished.truncate(n);
     }
     let mut all: Vec<_> = unfinished.into_iter().chain(finished).collect();
-    all.sort_by(|a, b| b.id.cmp(&a.id));
+    all.sort_by_key(|r| std::cmp::Reverse(r.id));
     if let Some(t) = top {
         all.truncate(t);
     }
@@ -1224,7 +1224,7 @@ async fn messages_get(c: &Ctx<'_>, pool: u32) -> Reply {
         let notify = {
             let mut w = c.sh.world();
             let aid = require_agent(&w, c, pool)?;
-            if !w.sessions.get(&sid).is_some_and(|s| s.agent_id == aid) {
+            if w.sessions.get(&sid).is_none_or(|s| s.agent_id != aid) {
                 return Err(session_not_found(&sid));
             }
             if last.is_some() {

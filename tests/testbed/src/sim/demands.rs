@@ -228,8 +228,8 @@ mod tests {
 
     #[test]
     fn user_capabilities_override_system_ones() {
-        let sys = vec![("color".to_string(), "red".to_string())];
-        let user = vec![("Color".to_string(), "blue".to_string())];
+        let sys = [("color".to_string(), "red".to_string())];
+        let user = [("Color".to_string(), "blue".to_string())];
         let c = Capabilities::new(
             sys.iter().map(|(k, v)| (k, v)),
             user.iter().map(|(k, v)| (k, v)),

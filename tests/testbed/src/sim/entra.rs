@@ -632,7 +632,7 @@ async fn exchange(
     let matched = identity
         .federated
         .iter()
-        .any(|f| f.issuer == iss && f.subject == sub && auds.iter().any(|a| *a == f.audience));
+        .any(|f| f.issuer == iss && f.subject == sub && auds.contains(&f.audience));
     if !matched {
         return Err(EntraError::bad(
             "invalid_request",
