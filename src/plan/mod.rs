@@ -42,14 +42,18 @@
 //! **Naming** ([`names`]). A request's Job is `<agentpool>-<requestId>-<attempt>`, attempt = 1 +
 //! the highest attempt of any Job known for that request (so a request whose first agent took
 //! another request gets attempt 2). A request never gets a second unfinished Job while its first
-//! one holds no request. Standby Jobs are `<agentpool>-standby-<n>`, the smallest free `n`.
+//! one holds no request; when the first one holds *another* request, it is that request's agent
+//! now, and the request gets attempt 2 while it still runs (so "unfinished Jobs annotated with
+//! request R" can be two, but at most one of them is free). Standby Jobs are
+//! `<agentpool>-standby-<n>`, the smallest free `n`.
 //!
 //! **Standby and surplus.** Each AgentPool keeps `minIdle` unclaimed agents beyond what the
 //! pending requests are matched to: standby slots are matched after every request, so a standby
 //! that is about to take a request is replaced at once. Unclaimed agents beyond pending + `minIdle`
 //! are removed (**RemoveIdleAgent**), registered ones first, oldest first; that global count is
-//! the only source of removals (never "the request that triggered me finished"). A paused
-//! AgentPool creates and removes nothing.
+//! the only source of removals (never "the request that triggered me finished"). An agent that is
+//! disabled in ADO and holds no request is removed too (an interrupted removal). A paused
+//! AgentPool creates, removes and replaces nothing.
 //!
 //! **Stuck agents.** An agent Job not registered `startupTimeout + backoff(failures)` after its
 //! creation is replaced (**ReplaceStuckAgent**); its request gets a new Job in the next poll, once
