@@ -382,6 +382,25 @@ async fn server_errors_and_malformed_answers_are_transient() {
 }
 
 #[tokio::test]
+async fn a_slow_answer_times_out_as_a_transient_error() {
+    let bed = Bed::start().await;
+    let observer = Arc::new(RecordingObserver::default());
+    let client = bed.client_with(AdoClientConfig {
+        request_timeout: Duration::from_millis(300),
+        observer: observer.clone(),
+        ..AdoClientConfig::default()
+    });
+    bed.sim.inject_fault(Fault::once(
+        EndpointClass::JobRequests,
+        FaultKind::Slow { delay_ms: 3000 },
+    ));
+    let err = client.job_requests(bed.pool_id() as i32).await.unwrap_err();
+    assert_eq!(err.metric_label(), "ado_timeout");
+    assert!(err.is_transient());
+    assert_eq!(observer.calls(), [("jobrequests", None, "ado_timeout")]);
+}
+
+#[tokio::test]
 async fn a_rejected_token_is_unauthorized_and_the_observer_sees_every_call() {
     let bed = Bed::start().await;
     let observer = Arc::new(RecordingObserver::default());
