@@ -248,6 +248,9 @@ pub(super) fn plan(
         .unwrap_or_default();
 
     let mut wants: Vec<Want> = Vec::new();
+    // Requests waiting for a parallel job: no new agents for them, but the unclaimed agents they
+    // could use are kept (they run as soon as a slot frees; recreating costs a start).
+    let mut slot_waiting: Vec<Vec<usize>> = Vec::new();
     for (position, request) in pending.iter().enumerate() {
         // Slots go in queue order to every pending request (ADO does not know which ones we serve).
         let counts_against_limit = usage.is_some_and(|u| {
@@ -328,6 +331,7 @@ pub(super) fn plan(
                 request: request.id,
                 why,
             });
+            slot_waiting.push(eligible);
             continue;
         }
         wants.push(Want {
@@ -372,7 +376,8 @@ pub(super) fn plan(
     //      by moving a request to a new agent elsewhere; requests claim supply first, so a
     //      standby about to take a request is replaced now;
     //   D. requests that must not get a new agent (their own Job is alive, stuck or unfit) on
-    //      whatever existing agents are still unclaimed.
+    //      whatever existing agents are still unclaimed;
+    //   E. requests waiting for a parallel job, likewise (so those agents are not surplus).
     let np = pools.len();
     let failures: Vec<u32> = pools.iter().map(|p| p.failures).collect();
     let last_attempt_of = |id: RequestId| last_attempt.get(&id).copied();
@@ -423,6 +428,13 @@ pub(super) fn plan(
             }
         }
     }
+    let waiting: Vec<usize> = slot_waiting
+        .into_iter()
+        .map(|nodes| {
+            lists.push(nodes);
+            lists.len() - 1
+        })
+        .collect();
     let mut matcher = Matcher::new(capacity, lists, np);
     for &(claim, _) in &creatable {
         matcher.assign(claim, true);
@@ -441,6 +453,13 @@ pub(super) fn plan(
     }
     for &(claim, _) in &blocked {
         matcher.assign(claim, true);
+    }
+    for &claim in &waiting {
+        matcher.assign(claim, true);
+    }
+    let mut kept_for_slots = vec![0_usize; np];
+    for node in waiting.iter().filter_map(|&claim| matcher.assigned[claim]) {
+        kept_for_slots[node] += 1;
     }
     let used: Vec<usize> = (0..np).map(|pi| matcher.holders[pi].len()).collect();
     let new_full: Vec<bool> = (0..np)
@@ -611,6 +630,12 @@ pub(super) fn plan(
             });
         }
 
+        if kept_for_slots[pi] > 0 {
+            pool.reasons.push(format!(
+                "keeps {} unclaimed agents for requests waiting for a parallel job",
+                kept_for_slots[pi]
+            ));
+        }
         // Unclaimed agents beyond the pending requests and minIdle are surplus.
         let surplus = pool.free.len().saturating_sub(used[pi]);
         if surplus > 0 {

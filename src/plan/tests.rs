@@ -393,6 +393,33 @@ fn parallel_job_slots_cap_demand_in_queue_order() {
 }
 
 #[test]
+fn agents_for_requests_waiting_for_a_parallel_job_are_kept() {
+    // All slots taken: request 1 keeps the agent started for it, request 2 gets none.
+    let world = World::new()
+        .pool("linux", 0, &[])
+        .parallel(2, 2)
+        .job("linux-1-1", "linux", Some(1), 1, 900, JobPhase::Running)
+        .job("linux-spare", "linux", None, 1, 900, JobPhase::Running)
+        .pending(1, 1, &[])
+        .pending(2, 2, &[])
+        .pending(3, 3, &[]);
+    let plan = world.plan();
+    assert!(plan.actions.is_empty(), "{:#?}", plan.actions);
+    let linux = summary(&plan, "linux");
+    assert_eq!(ids(&linux.capped), vec![1, 2, 3]);
+    assert!(
+        linux
+            .reasons
+            .iter()
+            .any(|r| r.contains("keeps 2 unclaimed agents"))
+    );
+    // Once nothing waits, they are surplus.
+    let mut done = world.clone();
+    done.ado.requests.clear();
+    assert_eq!(removed(&done.plan()).len(), 2);
+}
+
+#[test]
 fn parallel_slot_holders_and_other_buckets_are_not_capped() {
     let mut world = World::new()
         .pool("linux", 0, &[])
