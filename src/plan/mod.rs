@@ -11,7 +11,8 @@
 //!
 //! - *Parallel jobs*: when usage is known, the free slots (`total − used`) go to pending requests
 //!   in queue order (requests listed as slot holders keep theirs); the rest are **capped
-//!   (parallel jobs)**: ADO would not run them even with an agent.
+//!   (parallel jobs)**: ADO would not run them even with an agent, so they get no new agents,
+//!   but the unclaimed agents they could use are kept rather than removed as surplus.
 //! - *Demands* are parsed and matched with ADO's semantics ([`demand`]). A request with a demand
 //!   that does not parse, or whose demands no AgentPool's capabilities (plus `Agent.Version` = the
 //!   AgentPool's agent version) satisfy, is **unservable**, with the reason quoted.
