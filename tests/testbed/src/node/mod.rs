@@ -147,6 +147,8 @@ pub fn kubeconfig_path() -> PathBuf {
 
 /// An admin client for the local control plane, checked to answer (`/version`).
 pub async fn try_client() -> Result<Client, NodeError> {
+    // The process's one rustls provider (a no-op when the program installed it already).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let path = kubeconfig_path();
     let kubeconfig =
         kube::config::Kubeconfig::read_from(&path).map_err(|source| NodeError::Kubeconfig {
@@ -268,8 +270,8 @@ impl Shared {
     }
 }
 
-/// A running fake node. Stop it with [`NodeHarness::shutdown`]; dropping it kills its processes but cannot
-/// delete the Node object.
+/// A running fake node. Stop it with [`NodeHarness::shutdown`]; dropping it instead (a test that panicked)
+/// kills its processes and deletes the Node through a fresh client from `KUBECONFIG`.
 pub struct NodeHarness {
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
@@ -503,6 +505,30 @@ impl Drop for NodeHarness {
             if let Some(pid) = e.pid {
                 process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
             }
+            if let Some(c) = &e.control {
+                let _ = c.send(Control::Abandon);
+            }
         }
+        // Delete the Node (a test that panicked never reached `shutdown`): pod GC then removes its pods,
+        // so the test's namespace can finish terminating. From a thread of its own with a fresh client,
+        // since the test's runtime may be unwinding.
+        let name = self.shared.config.node_name.clone();
+        let done = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(client) = try_client().await {
+                    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client);
+                    let _ = nodes
+                        .delete(&name, &kube::api::DeleteParams::default())
+                        .await;
+                }
+            });
+        });
+        let _ = done.join();
     }
 }
