@@ -183,8 +183,7 @@ impl AdoClient {
         config: AdoClientConfig,
     ) -> Result<Self, AdoError> {
         let organization = parse_organization(organization_url)?;
-        let http = tls::http_client_builder()
-            .map_err(|e| AdoError::Auth(e.into()))?
+        let http = tls::http_client_builder()?
             .timeout(config.request_timeout)
             .connect_timeout(config.request_timeout.min(Duration::from_secs(10)))
             .build()

@@ -147,6 +147,10 @@ pub enum AdoError {
     #[error(transparent)]
     Auth(#[from] AuthError),
 
+    /// The HTTPS trust store could not be assembled (`SSL_CERT_FILE` / `SSL_CERT_DIR`).
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+
     /// The client is configured wrongly (e.g. an organization URL that is not a URL).
     #[error("invalid ADO client configuration: {field}: {reason}")]
     Config {
@@ -172,6 +176,7 @@ impl AdoError {
             AdoError::Transport { .. } => "ado_transport",
             AdoError::MalformedJson { .. } => "ado_malformed_json",
             AdoError::Auth(e) => e.metric_label(),
+            AdoError::Tls(e) => e.metric_label(),
             AdoError::Config { .. } => "ado_config",
         }
     }
@@ -192,6 +197,7 @@ impl AdoError {
             | AdoError::Forbidden { .. }
             | AdoError::NotFound { .. }
             | AdoError::Status { .. }
+            | AdoError::Tls(_)
             | AdoError::Config { .. } => false,
         }
     }
