@@ -231,6 +231,15 @@ async fn pats_work_as_basic_and_bearer_for_azure_devops_server_mode() {
         .status,
         StatusCode::OK
     );
+    // `config.sh --auth pat --token <Entra token>` sends the access token as the Basic password.
+    let entra_basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!(":{}", b.token))
+    );
+    assert_eq!(
+        b.call(Method::GET, &b.url("pools"), Some(&entra_basic), None).await.status,
+        StatusCode::OK
+    );
     let wrong = format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(":nope")

@@ -681,3 +681,67 @@ async fn control_surface_over_http() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn a_job_whose_lock_is_not_renewed_is_abandoned() {
+    let b = bed_with(
+        SimConfig {
+            long_poll_secs: 1,
+            lock_secs: 1,
+            ..SimConfig::default()
+        },
+        |o| o,
+    )
+    .await;
+    let mut quiet = b.online("quiet", &[]).await;
+    let mut diligent = b.online("diligent", &[]).await;
+    let r1 = b.sim.queue(ORG, POOL, RequestSpec::new()).unwrap();
+    let r2 = b.sim.queue(ORG, POOL, RequestSpec::new()).unwrap();
+    let j1 = quiet.take_job(&b, WAIT).await;
+    let j2 = diligent.take_job(&b, WAIT).await;
+    let (quiet_req, diligent_req) = (
+        j1.body["requestId"].as_u64().unwrap(),
+        j2.body["requestId"].as_u64().unwrap(),
+    );
+    assert_eq!(
+        [quiet_req.min(diligent_req), quiet_req.max(diligent_req)],
+        [r1, r2]
+    );
+    let lock = j2.body["lockToken"].as_str().unwrap().to_owned();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let renew = diligent
+            .patch_request(
+                &b,
+                diligent_req,
+                &lock,
+                json!({ "requestId": diligent_req }),
+            )
+            .await;
+        assert_eq!(renew.status, StatusCode::OK, "{}", renew.text);
+    }
+    let abandoned = b.sim.request(ORG, quiet_req).unwrap();
+    assert_eq!(
+        abandoned.result.as_deref(),
+        Some("abandoned"),
+        "{abandoned:?}"
+    );
+    assert!(
+        b.sim
+            .request(ORG, diligent_req)
+            .unwrap()
+            .finish_time
+            .is_none(),
+        "renewed lock keeps the job"
+    );
+    assert_eq!(
+        b.sim
+            .agents(ORG, POOL)
+            .unwrap()
+            .iter()
+            .find(|a| a.id == quiet.id)
+            .unwrap()
+            .assigned_request,
+        None
+    );
+}

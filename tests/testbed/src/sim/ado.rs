@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::demands::Demand;
 use super::entra::{self, now_unix};
-use super::model::{Agent, AgentToken, Session, World, add};
+use super::model::{Agent, AgentToken, Org, Session, World, add};
 use super::ratelimit::{RateDecision, RateHeaders};
 use super::{EndpointClass, FaultKind, PRIVATE_TAG, PoolRole, Shared, control};
 
@@ -336,6 +336,30 @@ fn check_api_version(
     Ok(())
 }
 
+/// A caller presenting an Entra access token (as Bearer, or as the password of Basic auth).
+fn entra_caller(sh: &Shared, w: &World, o: &Org, token: &str) -> Result<Caller, AdoError> {
+    let claims =
+        entra::validate_access_token(sh, token).map_err(|e| AdoError::unauthorized(e.message()))?;
+    if !claims.tid.eq_ignore_ascii_case(&w.tenant_id) {
+        return Err(AdoError::unauthorized(format!(
+            "TF400813: The access token is from tenant {}, not the organization's tenant {}.",
+            claims.tid, w.tenant_id
+        )));
+    }
+    if !o.members.contains(&claims.oid.to_ascii_lowercase()) {
+        return Err(AdoError {
+            type_key: "IdentityNotFoundException",
+            ..AdoError::unauthorized(format!(
+                "TF401444: Please sign-in at least once as {}\\{}\\{} in a web browser to enable access to the service.",
+                claims.tid, claims.tid, claims.oid
+            ))
+        });
+    }
+    Ok(Caller::User {
+        oid: claims.oid.to_ascii_lowercase(),
+    })
+}
+
 /// Authenticates a call to `org` (lower-case key).
 fn authenticate(
     sh: &Shared,
@@ -372,11 +396,16 @@ fn authenticate(
                 )
             })?;
         let pat = decoded.split_once(':').map(|(_, p)| p).unwrap_or(&decoded);
-        pat_user(pat).ok_or_else(|| {
-            AdoError::unauthorized(
-                "TF400813: The personal access token is not valid for this organization.",
-            )
-        })?
+        match pat_user(pat) {
+            Some(oid) => oid,
+            // Like ADO, an Entra access token is accepted where a PAT is (`config.sh --auth pat`).
+            None if pat.split('.').count() == 3 => return entra_caller(sh, w, o, pat),
+            None => {
+                return Err(AdoError::unauthorized(
+                    "TF400813: The personal access token is not valid for this organization.",
+                ));
+            }
+        }
     } else if scheme.eq_ignore_ascii_case("bearer") {
         if cred.starts_with(AGENT_TOKEN_PREFIX) {
             let t = w.agent_tokens.get(cred).ok_or_else(|| {
@@ -403,26 +432,7 @@ fn authenticate(
         if let Some(oid) = pat_user(cred) {
             oid
         } else {
-            let claims = entra::validate_access_token(sh, cred)
-                .map_err(|e| AdoError::unauthorized(e.message()))?;
-            if !claims.tid.eq_ignore_ascii_case(&w.tenant_id) {
-                return Err(AdoError::unauthorized(format!(
-                    "TF400813: The access token is from tenant {}, not the organization's tenant {}.",
-                    claims.tid, w.tenant_id
-                )));
-            }
-            if !o.members.contains(&claims.oid.to_ascii_lowercase()) {
-                return Err(AdoError {
-                    type_key: "IdentityNotFoundException",
-                    ..AdoError::unauthorized(format!(
-                        "TF401444: Please sign-in at least once as {}\\{}\\{} in a web browser to enable access to the service.",
-                        claims.tid, claims.tid, claims.oid
-                    ))
-                });
-            }
-            return Ok(Caller::User {
-                oid: claims.oid.to_ascii_lowercase(),
-            });
+            return entra_caller(sh, w, o, cred);
         }
     } else {
         return Err(AdoError::unauthorized(format!(

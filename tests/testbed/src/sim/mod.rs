@@ -527,7 +527,8 @@ pub struct SimConfig {
     pub long_poll_secs: u64,
     /// A running request whose cancellation the agent did not confirm is finished as canceled after this.
     pub cancel_timeout_secs: u64,
-    /// Job lock duration (`lockedUntil` = assignment/renewal + this).
+    /// Job lock duration (`lockedUntil` = assignment/renewal + this); a received request whose lock
+    /// is not renewed in time is finished `abandoned` and its agent freed (checked every 250 ms).
     pub lock_secs: u64,
     pub assignment_order: AssignmentOrder,
     pub rate_limit: RateLimitConfig,
@@ -699,6 +700,16 @@ impl Simulator {
             }
             (None, None)
         };
+        // Lock expiry: abandon running requests whose agent stopped renewing the lock.
+        let ticker = Arc::downgrade(&shared);
+        tasks.push(tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                every.tick().await;
+                let Some(sh) = ticker.upgrade() else { return };
+                sh.world().expire_locks(jiff::Timestamp::now());
+            }
+        }));
         for h in &handles {
             // Returns once the accept loop runs (listening address known).
             let _ = h.listening().await;

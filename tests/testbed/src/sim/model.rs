@@ -644,6 +644,28 @@ impl World {
         Some(id)
     }
 
+    /// Abandons running requests whose lock expired (the agent stopped renewing it: crashed, killed,
+    /// partitioned), as ADO does; their agent becomes free again. Returns how many.
+    pub(crate) fn expire_locks(&mut self, now: Timestamp) -> usize {
+        let expired: Vec<u64> = self
+            .requests
+            .values()
+            .filter(|r| r.finish_time.is_none() && r.agent.is_some() && r.receive_time.is_some())
+            .filter(|r| r.locked_until.is_some_and(|t| t < now))
+            .map(|r| r.id)
+            .collect();
+        for id in &expired {
+            if let Some(r) = self.requests.get_mut(id) {
+                r.status_message = Some(
+                    "The agent did not renew the job lock in time; the request was abandoned."
+                        .into(),
+                );
+            }
+            self.finish(*id, "abandoned");
+        }
+        expired.len()
+    }
+
     /// The assignment engine: pairs waiting requests with free agents in the configured order,
     /// within the organizations' parallel-job slots.
     pub(crate) fn run_engine(&mut self) {
