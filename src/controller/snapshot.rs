@@ -120,14 +120,40 @@ pub fn cluster_snapshot<'a>(
     pods: &[&Pod],
     registered: &HashSet<&str>,
 ) -> plan::ClusterSnapshot {
-    let jobs: Vec<plan::AgentJob> = jobs
+    let jobs: Vec<(&Job, plan::AgentJob)> = jobs
         .into_iter()
-        .filter_map(|job| agent_job(job, pods, registered))
+        .filter_map(|job| Some((job, agent_job(job, pods, registered)?)))
         .collect();
     plan::ClusterSnapshot {
-        jobs,
-        startup_failures: BTreeMap::new(),
+        startup_failures: startup_failures(&jobs),
+        jobs: jobs.into_iter().map(|(_, j)| j).collect(),
     }
+}
+
+/// Per AgentPool, how many of its latest finished agent Jobs failed in a row (newest first, up to the
+/// first one that succeeded): a template whose agents cannot start must back off, not spin.
+fn startup_failures(jobs: &[(&Job, plan::AgentJob)]) -> BTreeMap<String, u32> {
+    let mut finished: BTreeMap<String, Vec<(Timestamp, bool)>> = BTreeMap::new();
+    for (job, agent_job) in jobs {
+        let status = job.status.as_ref();
+        let failed = status.and_then(|s| s.failed).unwrap_or(0) > 0;
+        let succeeded = status.and_then(|s| s.succeeded).unwrap_or(0) > 0;
+        if failed || succeeded {
+            finished
+                .entry(agent_job.agent_pool.to_string())
+                .or_default()
+                .push((agent_job.created, failed));
+        }
+    }
+    finished
+        .into_iter()
+        .map(|(pool, mut list)| {
+            list.sort_by(|a, b| b.0.cmp(&a.0));
+            let streak = list.iter().take_while(|(_, failed)| *failed).count();
+            (pool, u32::try_from(streak).unwrap_or(u32::MAX))
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 /// One of our agent Jobs → the planner's view of it (None for a Job that is not an agent Job of ours).
@@ -300,6 +326,42 @@ mod tests {
         assert_eq!(got.agent_pool, plan::PoolRef::new("ci", "linux"));
         let standby = agent_job(&job("linux-s1", None, 1), &[], &HashSet::new()).unwrap();
         assert_eq!(standby.for_request, None);
+    }
+
+    fn with_outcome(mut j: Job, created: &str, failed: bool) -> Job {
+        j.metadata.creation_timestamp = Some(Time(created.parse().unwrap()));
+        j.status = Some(JobStatus {
+            failed: failed.then_some(1),
+            succeeded: (!failed).then_some(1),
+            ..JobStatus::default()
+        });
+        j
+    }
+
+    #[test]
+    fn consecutive_failed_jobs_count_as_startup_failures_until_a_success() {
+        let jobs = [
+            with_outcome(
+                job("linux-r1-a1", Some(1), 1),
+                "2026-11-26T10:00:00Z",
+                false,
+            ),
+            with_outcome(job("linux-r2-a1", Some(2), 1), "2026-11-26T10:01:00Z", true),
+            with_outcome(job("linux-r3-a1", Some(3), 1), "2026-11-26T10:02:00Z", true),
+            job("linux-r4-a1", Some(4), 1),
+        ];
+        let snap = cluster_snapshot(jobs.iter(), &[], &HashSet::new());
+        assert_eq!(snap.failures_of(&plan::PoolRef::new("ci", "linux")), 2);
+        let healed = [
+            with_outcome(job("linux-r2-a1", Some(2), 1), "2026-11-26T10:01:00Z", true),
+            with_outcome(
+                job("linux-r3-a1", Some(3), 1),
+                "2026-11-26T10:02:00Z",
+                false,
+            ),
+        ];
+        let snap = cluster_snapshot(healed.iter(), &[], &HashSet::new());
+        assert_eq!(snap.failures_of(&plan::PoolRef::new("ci", "linux")), 0);
     }
 
     #[test]
