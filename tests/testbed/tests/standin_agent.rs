@@ -240,6 +240,12 @@ async fn configure_run_once_and_remove_serve_one_request_and_leave_nothing_behin
         assert!(key[field].is_string(), "{field} in .credentials_rsaparams");
     }
     assert_eq!(mode(&dir.join(".credentials_rsaparams")), 0o600);
+    let configured = events(&dir, "configured");
+    let logged_argv = configured[0].data["argv"].to_string();
+    assert!(
+        logged_argv.contains("--token") && !logged_argv.contains(PAT),
+        "{logged_argv}"
+    );
     let agent = bed.agent("agent-1").expect("registered");
     assert_eq!(settings["agentId"], agent.id);
     assert_eq!(agent.version, AGENT_VERSION);

@@ -47,6 +47,16 @@ const ARGS: &[&str] = &[
     "clientsecret",
 ];
 
+/// Arguments whose values are secrets (`Constants.Agent.CommandLine.Args.Secrets`).
+pub const SECRET_ARGS: &[&str] = &[
+    "password",
+    "proxypassword",
+    "sslclientcertpassword",
+    "token",
+    "windowslogonpassword",
+    "clientsecret",
+];
+
 /// Boolean flags (`Constants.Agent.CommandLine.Flags`).
 const FLAGS: &[&str] = &[
     "acceptteeeula",

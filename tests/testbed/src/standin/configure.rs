@@ -137,7 +137,7 @@ pub async fn configure(ctx: &Context, cmd: &CommandLine) -> Result<(), StandinEr
             "keyCreated": key_created,
             "capabilityNames": capabilities.keys().collect::<Vec<_>>(),
             "envInputs": cmd.env_input_names(),
-            "argv": ctx.argv,
+            "argv": ctx.masked_argv(),
         }),
     );
     Ok(())

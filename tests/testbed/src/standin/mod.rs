@@ -96,7 +96,9 @@ pub enum StandinError {
         "Pool {pool} already contains an agent with name {agent}. Use --replace to take it over, or pick another --agent name."
     )]
     AgentExists { pool: String, agent: String },
-    #[error("The agent is running (listener pid {0}). Stop it before running 'config.sh remove'.")]
+    #[error(
+        "An Agent.Listener (pid {0}) is running in this agent folder; stop it first ('config.sh remove' and a second listener are refused while it runs)."
+    )]
     AgentRunning(u32),
     #[error("RSA key: {0}")]
     Key(String),
@@ -224,6 +226,25 @@ impl Context {
             .map(|(_, v)| v.as_str())
     }
 
+    /// argv with the values of secret arguments replaced by `***`, as the agent's secret masker does for
+    /// its logs.
+    pub fn masked_argv(&self) -> Vec<String> {
+        let mut masked = Vec::with_capacity(self.argv.len());
+        let mut hide_next = false;
+        for arg in &self.argv {
+            if hide_next {
+                masked.push("***".to_string());
+                hide_next = false;
+                continue;
+            }
+            hide_next = arg.strip_prefix("--").is_some_and(|name| {
+                args::SECRET_ARGS.contains(&name.to_ascii_lowercase().as_str())
+            });
+            masked.push(arg.clone());
+        }
+        masked
+    }
+
     pub fn knob_ms(&self, name: &str, default: u64) -> std::time::Duration {
         let ms = self
             .var(name)
@@ -287,7 +308,18 @@ fn program_name() -> String {
 /// The agent root: the parent of the folder holding `bin/Agent.Listener` as invoked (the symlink, not the
 /// binary it points to), as `HostContext.GetDirectory(WellKnownDirectory.Root)`.
 fn agent_root() -> Result<PathBuf, StandinError> {
-    let invoked = PathBuf::from(program_name());
+    let name = program_name();
+    let mut invoked = PathBuf::from(&name);
+    if !name.contains('/') {
+        // Found through PATH: the first PATH entry holding it.
+        if let Some(found) = std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(&name))
+                .find(|candidate| candidate.is_file())
+        }) {
+            invoked = found;
+        }
+    }
     let invoked = if invoked.is_absolute() {
         invoked
     } else {
@@ -301,4 +333,61 @@ fn agent_root() -> Result<PathBuf, StandinError> {
         StandinError::Usage("Agent.Listener must be run from <agent root>/bin".into())
     })?;
     std::path::absolute(root).map_err(|e| StandinError::io(root, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_argument_values_are_masked_for_logs() {
+        let ctx = Context {
+            root: PathBuf::from("/agent"),
+            env: Vec::new(),
+            argv: [
+                "Agent.Listener",
+                "configure",
+                "--TOKEN",
+                "s3cret",
+                "--pool",
+                "p",
+                "--password",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        };
+        assert_eq!(
+            ctx.masked_argv(),
+            [
+                "Agent.Listener",
+                "configure",
+                "--TOKEN",
+                "***",
+                "--pool",
+                "p",
+                "--password"
+            ]
+        );
+    }
+
+    #[test]
+    fn transient_errors_are_the_ones_the_agent_retries() {
+        let http = |status| StandinError::Http {
+            call: "c",
+            status,
+            type_key: None,
+            message: String::new(),
+        };
+        assert!(http(503).is_transient());
+        assert!(http(429).is_transient());
+        assert!(!http(401).is_transient());
+        assert!(!http(404).is_transient());
+        assert_eq!(http(401).metric_label(), "http_401");
+        assert_eq!(http(502).metric_label(), "http_5xx");
+        assert_eq!(
+            StandinError::AgentRunning(1).metric_label(),
+            "agent_running"
+        );
+    }
 }

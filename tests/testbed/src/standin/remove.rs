@@ -62,7 +62,7 @@ pub async fn remove(ctx: &Context, cmd: &CommandLine) -> Result<(), StandinError
     diag::event(
         &ctx.root,
         "removed",
-        json!({"deletedAgentId": deleted_agent, "wasConfigured": configured, "envInputs": cmd.env_input_names(), "argv": ctx.argv}),
+        json!({"deletedAgentId": deleted_agent, "wasConfigured": configured, "envInputs": cmd.env_input_names(), "argv": ctx.masked_argv()}),
     );
     Ok(())
 }

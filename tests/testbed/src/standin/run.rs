@@ -242,6 +242,7 @@ impl JobMessage {
             .ok_or_else(|| bad("no numeric requestId"))?;
         let text = |k: &str| {
             v.get(k)
+                .filter(|x| !x.is_null())
                 .map(|x| {
                     x.as_str()
                         .map(str::to_string)
@@ -335,7 +336,7 @@ async fn start(ctx: &Context, once: bool) -> Result<Exit, (i32, StandinError)> {
     });
     listener.event(
         "run_started",
-        json!({"once": once, "argv": ctx.argv, "agentId": listener.settings.agent_id, "poolId": listener.settings.pool_id}),
+        json!({"once": once, "argv": ctx.masked_argv(), "agentId": listener.settings.agent_id, "poolId": listener.settings.pool_id}),
     );
     let shutdown = spawn_signal_watch(ctx.root.clone());
     Ok(listen(listener, once, shutdown).await)
