@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 const USAGE: &str =
-    "usage: azp-testbed <sim [--config FILE] | node --help | standin-layout DIR [--listener PATH]>
+    "usage: azp-testbed <demo | sim [--config FILE] | node --help | standin-layout DIR [--listener PATH]>
 (invoked as Agent.Listener it is the stand-in agent's listener)";
 
 fn main() -> ExitCode {
@@ -33,6 +33,20 @@ fn main() -> ExitCode {
         // Hidden: the stand-in's probe "job step".
         "standin-step" => exit(azp_testbed::standin::probe_step_main()),
         "sim" => run_async(sim(tail)),
+        // The newcomer's demo (tests/demo.sh): the whole loop with a summary.
+        "demo" => {
+            azp_testbed::install_crypto_provider();
+            match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(azp_testbed::demo::run()),
+                Err(e) => {
+                    eprintln!("azp-testbed: cannot start the async runtime: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         "node" => {
             let parsed = NodeCli::try_parse_from(
                 std::iter::once("azp-testbed node").chain(tail.iter().map(String::as_str)),
