@@ -279,15 +279,22 @@ impl JobMessage {
     }
 }
 
-/// How the listener loop ended.
-enum Exit {
-    Code(i32, &'static str),
+/// How the listener loop ended: the process exit code and a stable reason for the diag log.
+struct Exit {
+    code: i32,
+    reason: &'static str,
+}
+
+impl Exit {
+    fn new(code: i32, reason: &'static str) -> Self {
+        Self { code, reason }
+    }
 }
 
 pub async fn run(ctx: &Context, cmd: &CommandLine) -> i32 {
     let once = cmd.flag("once");
     match start(ctx, once).await {
-        Ok(Exit::Code(code, reason)) => {
+        Ok(Exit { code, reason }) => {
             diag::event(&ctx.root, "exit", json!({"code": code, "reason": reason}));
             code
         }
@@ -375,7 +382,7 @@ fn spawn_signal_watch(root: std::path::PathBuf) -> watch::Receiver<bool> {
 async fn listen(listener: Arc<Listener>, once: bool, mut shutdown: watch::Receiver<bool>) -> Exit {
     let session = tokio::select! {
         s = create_session(&listener) => s,
-        _ = shutdown.wait_for(|v| *v) => return Exit::Code(return_code::SUCCESS, "shutdown_before_session"),
+        _ = shutdown.wait_for(|v| *v) => return Exit::new(return_code::SUCCESS, "shutdown_before_session"),
     };
     let mut session_id = match session {
         Ok(id) => id,
@@ -395,13 +402,13 @@ async fn listen(listener: Arc<Listener>, once: bool, mut shutdown: watch::Receiv
         };
         tokio::select! {
             _ = shutdown.wait_for(|v| *v) => {
-                break Exit::Code(return_code::SUCCESS, "shutdown");
+                break Exit::new(return_code::SUCCESS, "shutdown");
             }
             outcome = job_done => {
                 job = None;
                 listener.event("job_done", json!({"outcome": format!("{outcome:?}")}));
                 if once {
-                    break Exit::Code(return_code::SUCCESS, "run_once_job_done");
+                    break Exit::new(return_code::SUCCESS, "run_once_job_done");
                 }
             }
             polled = next_message(&listener, &session_id, last_message_id) => match polled {
@@ -419,19 +426,19 @@ async fn listen(listener: Arc<Listener>, once: bool, mut shutdown: watch::Receiv
                         Ok(id) => session_id = id,
                         // A revoked token ends the run like `TaskAgentAccessTokenExpiredException` (0); any
                         // other refusal rethrows the session-expired error out of the loop (2).
-                        Err(revoked @ Exit::Code(return_code::SUCCESS, _)) => break revoked,
-                        Err(_) => break Exit::Code(return_code::RETRYABLE_ERROR, "session_expired_not_recreated"),
+                        Err(revoked @ Exit { code: return_code::SUCCESS, .. }) => break revoked,
+                        Err(_) => break Exit::new(return_code::RETRYABLE_ERROR, "session_expired_not_recreated"),
                     }
                 }
                 Err(PollError::Revoked(e)) => {
                     listener.event("token_revoked", json!({"error": e.to_string()}));
                     println!("Agent OAuth token has been revoked. Unable to pull message.");
-                    break Exit::Code(return_code::SUCCESS, "token_revoked");
+                    break Exit::new(return_code::SUCCESS, "token_revoked");
                 }
                 Err(PollError::Fatal(e)) => {
                     eprintln!("{e}");
                     listener.event("poll_failed", json!({"error": e.to_string(), "label": e.metric_label()}));
-                    break Exit::Code(return_code::RETRYABLE_ERROR, "poll_failed");
+                    break Exit::new(return_code::RETRYABLE_ERROR, "poll_failed");
                 }
             }
         }
@@ -887,7 +894,7 @@ async fn create_session(listener: &Listener) -> Result<String, Exit> {
             Err(CallError::Revoked(e)) => {
                 listener.event("token_revoked", json!({"error": e.to_string()}));
                 println!("Agent OAuth token has been revoked. Session creation failed.");
-                return Err(Exit::Code(return_code::SUCCESS, "token_revoked"));
+                return Err(Exit::new(return_code::SUCCESS, "token_revoked"));
             }
             Err(CallError::Failed(e)) => e,
         };
@@ -905,7 +912,7 @@ async fn create_session(listener: &Listener) -> Result<String, Exit> {
         );
         if !retry {
             eprintln!("Failed to create session. {error}");
-            return Err(Exit::Code(
+            return Err(Exit::new(
                 return_code::TERMINATED_ERROR,
                 "session_create_failed",
             ));
