@@ -221,6 +221,13 @@ impl Bed {
     }
 }
 
+/// Whether the stand-in's `config.sh remove` deleted the agent from the pool (its diag record).
+fn removed_by_config_sh(agent_dir: &Path) -> bool {
+    standin::read_events(agent_dir)
+        .iter()
+        .any(|e| e.event == "removed" && e.data.get("deletedAgentId").is_some_and(|v| !v.is_null()))
+}
+
 struct Proc {
     pid: Pid,
     done: tokio::task::JoinHandle<std::process::Output>,
@@ -285,6 +292,17 @@ async fn happy_path(bed: Bed) {
     let r = bed.sim.request(ORG, request).expect("request");
     assert_eq!(r.result.as_deref(), Some("succeeded"), "{r:?}");
     assert_eq!(r.agent_name.as_deref(), Some("k8s-cluster-a-linux-1"));
+    assert!(
+        removed_by_config_sh(&bed.agent_dir),
+        "deregistered by config.sh remove"
+    );
+    // config.sh got the token only through VSTS_AGENT_INPUT_TOKEN, never in argv.
+    for e in standin::read_events(&bed.agent_dir) {
+        if matches!(e.event.as_str(), "configured" | "removed") {
+            assert_eq!(e.data["envInputs"], serde_json::json!(["token"]), "{e:?}");
+            assert!(!bed.leaks(&e.data["argv"].to_string()), "{e:?}");
+        }
+    }
     assert!(
         bed.agents().is_empty(),
         "the agent is gone: {:?}",
@@ -353,8 +371,20 @@ async fn a_job_longer_than_the_token_lifetime_still_deregisters() {
     bed.sim.set_token_lifetime(Duration::from_secs(3));
     let spec = RequestSpec::new().duration(Duration::from_secs(6));
     let (proc, request, _) = bed.start_with_job(&[], spec).await;
+    let exchanges_before_deregistration = bed.sim.call_count("entra.token");
     let finished = proc.finish().await;
     assert_eq!(finished.code, Some(0));
+    assert!(
+        bed.sim.call_count("entra.token") > exchanges_before_deregistration,
+        "a fresh token was exchanged for the deregistration: {:?}",
+        bed.sim.calls()
+    );
+    // `config.sh remove` itself succeeded with that token (not only the REST fallback).
+    assert!(
+        removed_by_config_sh(&bed.agent_dir),
+        "config.sh remove deleted the agent: {:?}",
+        standin::read_events(&bed.agent_dir)
+    );
     let r = bed.sim.request(ORG, request).expect("request");
     assert_eq!(r.result.as_deref(), Some("succeeded"));
     assert!(
