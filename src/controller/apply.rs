@@ -164,7 +164,7 @@ async fn create(
         return Ok(false);
     };
     let agent_name = snapshot::agent_name(job_name, &ctx.cluster_id, &agent_pool.namespace);
-    let request_id = for_request.and_then(|r| i64::try_from(r).ok());
+    let request_id = *for_request;
     let job = job::build(
         pool,
         &AgentJob {

@@ -44,11 +44,9 @@ fn job_request(r: &TaskAgentJobRequest) -> Option<plan::JobRequest> {
             .as_ref()
             .map(|x| format!("{x:?}").to_ascii_lowercase()),
         demands: r.demands.iter().map(|d| d.as_str().to_owned()).collect(),
-        reserved_agent: r.reserved_agent.as_ref().and_then(|a| {
-            Some(plan::AgentRef {
-                id: plan::AgentId::try_from(a.id).ok()?,
-                name: a.name.clone(),
-            })
+        reserved_agent: r.reserved_agent.as_ref().map(|a| plan::AgentRef {
+            id: plan::AgentId::from(a.id),
+            name: a.name.clone(),
         }),
         parallelism_tag: r.parallelism_tag().map(str::to_owned),
     })
@@ -58,7 +56,7 @@ fn agent(a: &TaskAgent) -> Option<plan::Agent> {
     let mut capabilities = a.system_capabilities.clone();
     capabilities.extend(a.user_capabilities.clone());
     Some(plan::Agent {
-        id: plan::AgentId::try_from(a.id).ok()?,
+        id: plan::AgentId::from(a.id),
         name: a.name.clone(),
         status: match a.status {
             Some(models::AgentStatus::Online) => plan::AgentStatus::Online,
@@ -148,7 +146,7 @@ fn startup_failures(jobs: &[(&Job, plan::AgentJob)]) -> BTreeMap<String, u32> {
     finished
         .into_iter()
         .map(|(pool, mut list)| {
-            list.sort_by(|a, b| b.0.cmp(&a.0));
+            list.sort_by_key(|(created, _)| std::cmp::Reverse(*created));
             let streak = list.iter().take_while(|(_, failed)| *failed).count();
             (pool, u32::try_from(streak).unwrap_or(u32::MAX))
         })

@@ -69,8 +69,10 @@ pub struct BedOptions {
 impl BedOptions {
     /// Defaults: one ADO pool `linux`, 10 parallel jobs, 50 pods, controller started.
     pub fn new(name: &str) -> Self {
-        let mut sim = SimConfig::default();
-        sim.long_poll_secs = 2;
+        let sim = SimConfig {
+            long_poll_secs: 2,
+            ..SimConfig::default()
+        };
         BedOptions {
             name: name.to_owned(),
             ado_pools: vec!["linux".to_owned()],
