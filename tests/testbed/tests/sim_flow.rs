@@ -745,3 +745,89 @@ async fn a_job_whose_lock_is_not_renewed_is_abandoned() {
         None
     );
 }
+
+#[tokio::test]
+async fn parallel_jobs_are_counted_across_the_pools_of_the_organization() {
+    let b = bed_with(quick(), |o| o.parallel_jobs(1).pool("windows")).await;
+    let mut linux = b.online("linux-agent", &[]).await;
+    // An agent of the second pool, registered through the same helpers.
+    let win_pool = b.sim.pool_id(ORG, "windows").unwrap();
+    let key = azp_testbed::sim::testing::AgentKey::new().unwrap();
+    let r = b
+        .send(
+            Method::POST,
+            &format!("pools/{win_pool}/agents"),
+            json!({ "name": "win-agent", "version": "4.261.0", "authorization": { "publicKey": key.public_key_json() } }),
+        )
+        .await;
+    let v = r.json();
+    let mut win = TestAgent {
+        id: v["id"].as_u64().unwrap() as u32,
+        name: "win-agent".into(),
+        client_id: v["authorization"]["clientId"].as_str().unwrap().into(),
+        auth_url: v["authorization"]["authorizationUrl"]
+            .as_str()
+            .unwrap()
+            .into(),
+        key,
+        token: String::new(),
+        session: String::new(),
+        pool_id: win_pool,
+        last_message: None,
+    };
+    win.login(&b).await;
+    assert_eq!(win.open_session(&b).await.status, StatusCode::OK);
+    let r1 = b.sim.queue(ORG, POOL, RequestSpec::new()).unwrap();
+    let r2 = b.sim.queue(ORG, "windows", RequestSpec::new()).unwrap();
+    let job = linux.take_job(&b, WAIT).await;
+    assert_eq!(job.body["requestId"], r1);
+    assert!(
+        win.poll(&b).await.is_none(),
+        "the org's only slot is taken by the other pool's job"
+    );
+    assert!(!b.sim.request(ORG, r2).unwrap().is_assigned());
+    linux.finish(&b, &job, "succeeded").await;
+    assert_eq!(win.take_job(&b, WAIT).await.body["requestId"], r2);
+}
+
+#[tokio::test]
+async fn completed_request_count_limits_history_and_agents_filter_by_demands() {
+    let b = bed_with(quick(), |o| o).await;
+    let _a = b
+        .register("java-agent", &[("java", "17"), ("Agent.OS", "Linux")])
+        .await;
+    let _c = b.register("plain-agent", &[("Agent.OS", "Linux")]).await;
+    let ids: Vec<u64> = (0..4)
+        .map(|_| b.sim.queue(ORG, POOL, RequestSpec::new()).unwrap())
+        .collect();
+    for id in &ids[..3] {
+        b.sim.cancel(ORG, *id).unwrap();
+    }
+    let v = b
+        .get(&format!(
+            "pools/{}/jobrequests?completedRequestCount=2",
+            b.pool_id
+        ))
+        .await
+        .json();
+    let got: Vec<u64> = v["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["requestId"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        got,
+        vec![ids[3], ids[2], ids[1]],
+        "the unfinished one plus the two newest finished"
+    );
+    let v = b
+        .get(&format!(
+            "pools/{}/agents?demands=java,Agent.OS%20-equals%20linux",
+            b.pool_id
+        ))
+        .await
+        .json();
+    assert_eq!(v["count"], 1);
+    assert_eq!(v["value"][0]["name"], "java-agent");
+}
