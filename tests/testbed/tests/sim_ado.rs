@@ -237,7 +237,9 @@ async fn pats_work_as_basic_and_bearer_for_azure_devops_server_mode() {
         base64::engine::general_purpose::STANDARD.encode(format!(":{}", b.token))
     );
     assert_eq!(
-        b.call(Method::GET, &b.url("pools"), Some(&entra_basic), None).await.status,
+        b.call(Method::GET, &b.url("pools"), Some(&entra_basic), None)
+            .await
+            .status,
         StatusCode::OK
     );
     let wrong = format!(
