@@ -62,6 +62,47 @@
 //! next attempt there waits [`startup_backoff`]`(failures)` after its previous attempt.
 //!
 //! Actions are ordered: replacements, removals, creations for requests (queue order), standbys.
+//!
+//! # Example
+//!
+//! ```
+//! use azp_autoscaler::plan::{self, *};
+//! use jiff::{SignedDuration, Timestamp};
+//!
+//! let now: Timestamp = "2025-06-01T12:00:00Z".parse().unwrap();
+//! let linux = AgentPoolSpec {
+//!     agent_pool: PoolRef::new("ci", "linux"),
+//!     priority: 0,
+//!     capabilities: [("Agent.OS".to_owned(), "Linux".to_owned())].into(),
+//!     agent_version: "4.255.0".into(),
+//!     min_idle: 0,
+//!     max_agents: 5,
+//!     paused: false,
+//!     startup_timeout: SignedDuration::from_mins(5),
+//! };
+//! let ado = AdoSnapshot {
+//!     ado_pool: "builds".into(),
+//!     requests: vec![JobRequest {
+//!         id: 42,
+//!         queue_time: Some(now),
+//!         assign_time: None,
+//!         receive_time: None,
+//!         finish_time: None,
+//!         result: None,
+//!         demands: vec!["Agent.OS -equals linux".into()],
+//!         reserved_agent: None,
+//!         parallelism_tag: Some("Private".into()),
+//!     }],
+//!     ..AdoSnapshot::default()
+//! };
+//! let planned = plan::plan(&ado, &ClusterSnapshot::default(), &[linux], now);
+//! assert!(matches!(
+//!     &planned.actions[..],
+//!     [Action::CreateAgent { job_name, for_request: Some(42), attempt: 1, .. }] if job_name == "linux-42-1"
+//! ));
+//! let json = serde_json::to_string(&plan::report(&planned)).unwrap();
+//! assert!(json.starts_with(r#"{"pools":[{"agentPool":"ci/linux","adoPool":"builds","pending":[42]"#));
+//! ```
 
 pub mod demand;
 pub mod model;
