@@ -626,6 +626,88 @@ async fn an_expiring_token_is_exchanged_again_before_it_expires() {
     assert_eq!(wi.bed.sim.call_count("entra.token"), 2);
 }
 
+/// Runs a scripted `az` instead of the real CLI (none is installed here): prints a token the
+/// simulator minted, or fails as `az` does without a login.
+#[derive(Debug)]
+struct ScriptedAz {
+    token: Option<String>,
+    commands: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl azure_identity::Executor for ScriptedAz {
+    async fn run(
+        &self,
+        _program: &std::ffi::OsStr,
+        args: &[&std::ffi::OsStr],
+    ) -> std::io::Result<std::process::Output> {
+        use std::os::unix::process::ExitStatusExt;
+        let command = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        self.commands.lock().unwrap().push(command);
+        let expires = jiff::Timestamp::now().as_second() + 3600;
+        Ok(match &self.token {
+            Some(token) => std::process::Output {
+                status: std::process::ExitStatus::from_raw(0),
+                stdout: format!(
+                    r#"{{"accessToken":"{token}","expires_on":{expires},"tokenType":"Bearer"}}"#
+                )
+                .into_bytes(),
+                stderr: Vec::new(),
+            },
+            None => std::process::Output {
+                status: std::process::ExitStatus::from_raw(1 << 8),
+                stdout: Vec::new(),
+                stderr: b"ERROR: Please run 'az login' to setup account.".to_vec(),
+            },
+        })
+    }
+}
+
+#[tokio::test]
+async fn azure_cli_login_is_a_token_source_for_plan() {
+    let bed = Bed::start().await;
+    let token =
+        bed.sim
+            .mint_access_token(&bed.client_id, &bed.object_id, Duration::from_secs(3600));
+    let az = Arc::new(ScriptedAz {
+        token: Some(token),
+        commands: Default::default(),
+    });
+    let options = azure_identity::AzureCliCredentialOptions {
+        executor: Some(az.clone()),
+        ..Default::default()
+    };
+    let tokens = TokenSource::azure_cli_with(options).unwrap();
+    let client = AdoClient::new(&bed.sim.org_url(&bed.org), tokens).unwrap();
+    assert!(client.pool_by_name("linux").await.unwrap().is_some());
+    let commands = az.commands.lock().unwrap().clone();
+    assert_eq!(commands.len(), 1);
+    assert!(
+        commands[0].contains("az account get-access-token")
+            && commands[0].contains("--scope 499b84ac-1321-427f-aa17-267ca6975798/.default"),
+        "{commands:?}"
+    );
+
+    let logged_out = azure_identity::AzureCliCredentialOptions {
+        executor: Some(Arc::new(ScriptedAz {
+            token: None,
+            commands: Default::default(),
+        })),
+        ..Default::default()
+    };
+    let err = TokenSource::azure_cli_with(logged_out)
+        .unwrap()
+        .token()
+        .await
+        .unwrap_err();
+    assert_eq!(err.metric_label(), "auth_azure_cli");
+    assert!(err.to_string().contains("az login"), "{err}");
+}
+
 mod support {
     //! The test bed of this file: a simulator per test, trusted through `SSL_CERT_DIR`.
 

@@ -406,10 +406,19 @@ impl TokenSource {
 
     /// The user's Azure CLI login (`az account get-access-token`), for `plan` outside a cluster.
     pub fn azure_cli() -> Result<Self, AuthError> {
-        let credential =
-            azure_identity::AzureCliCredential::new(None).map_err(|e| AuthError::AzureCli {
+        Self::azure_cli_with(azure_identity::AzureCliCredentialOptions::default())
+    }
+
+    /// The Azure CLI login with options: a tenant or subscription other than the CLI's default, or
+    /// another [`azure_identity::Executor`] to run `az` with.
+    pub fn azure_cli_with(
+        options: azure_identity::AzureCliCredentialOptions,
+    ) -> Result<Self, AuthError> {
+        let credential = azure_identity::AzureCliCredential::new(Some(options)).map_err(|e| {
+            AuthError::AzureCli {
                 detail: error_chain(&e),
-            })?;
+            }
+        })?;
         Ok(Self::from_kind(Kind::AzureCli { credential }))
     }
 
