@@ -722,3 +722,65 @@ async fn without_once_the_listener_serves_jobs_until_stopped() {
         "knobs are no capabilities"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_in_the_agent_flow_are_retried_until_the_job_is_served() {
+    let bed = Bed::start("flaky").await;
+    let dir = bed.agent_dir("agent");
+    assert_eq!(bed.configure(&dir, "agent-f", &[]).await.code, Some(0));
+    let id = bed.sim.queue(ORG, POOL, RequestSpec::new()).expect("queue");
+    // 500 is not retried by the HTTP client itself, so the listener's own loops have to.
+    bed.sim.inject_fault(Fault::times(
+        EndpointClass::AgentFlow,
+        FaultKind::ServerError { status: 500 },
+        3,
+    ));
+    let out = outcome(bed.listener(&dir, true)).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(
+        bed.wait_finished(id).await.result.as_deref(),
+        Some("succeeded")
+    );
+    let failures = events(&dir, "session_create_failed");
+    assert!(!failures.is_empty(), "the faults hit session creation");
+    assert!(
+        failures.iter().all(|e| e.data["retry"] == true),
+        "{failures:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_listener_of_the_same_agent_waits_out_the_session_conflict() {
+    let bed = Bed::start("conflict").await;
+    let first = bed.agent_dir("first");
+    assert_eq!(bed.configure(&first, "agent-x", &[]).await.code, Some(0));
+    // The same agent's files in a second folder (e.g. a copied image layer).
+    let second = bed.agent_dir("second");
+    for file in [".agent", ".credentials", ".credentials_rsaparams"] {
+        std::fs::copy(first.join(file), second.join(file)).expect("copy");
+    }
+    let mut one = bed.listener(&first, true);
+    one.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut one = one.spawn().expect("first listener");
+    wait_for_events(&first, "session_created", 1).await;
+
+    let mut two = bed.listener(&second, true);
+    two.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut two = two.spawn().expect("second listener");
+    wait_for_events(&second, "session_create_failed", 1).await;
+    assert_eq!(
+        events(&second, "session_create_failed")[0].data["label"],
+        "http_409"
+    );
+
+    let pid = Pid::from_raw(i32::try_from(one.id().expect("pid")).expect("pid"));
+    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    assert_eq!(wait_exit(&mut one).await.code(), Some(0));
+    wait_for_events(&second, "session_created", 1).await;
+    let id = bed.sim.queue(ORG, POOL, RequestSpec::new()).expect("queue");
+    assert_eq!(wait_exit(&mut two).await.code(), Some(0));
+    assert_eq!(
+        bed.wait_finished(id).await.result.as_deref(),
+        Some("succeeded")
+    );
+}
