@@ -10,6 +10,45 @@
 //! println!("{} {}", sim.org_url("contoso"), id);
 //! # Ok(()) }
 //! ```
+//!
+//! # What is served
+//!
+//! ADO listener (`ado_url()`), every `_apis` call needs `api-version` (query or `Accept` header):
+//!
+//! | endpoint label (call counters) | route under `{org}/_apis/distributedtask/` | class |
+//! |---|---|---|
+//! | `pools.list`, `pools.get` | `GET pools?poolName=`, `GET pools/{id}` | `pools` |
+//! | `jobrequests.list` | `GET pools/{id}/jobrequests?completedRequestCount=&$top=&agentId=` | `jobRequests` |
+//! | `jobrequests.get`, `jobrequests.update` | `GET`/`PATCH pools/{id}/jobrequests/{rid}?lockToken=` | `jobRequests` |
+//! | `agents.list`, `agents.add` | `GET pools/{id}/agents?agentName=&includeCapabilities=&includeAssignedRequest=&demands=`, `POST` | `agents` |
+//! | `agents.get/replace/update/delete` | `GET`/`PUT`/`PATCH`/`DELETE pools/{id}/agents/{aid}` | `agents` |
+//! | `sessions.create`, `sessions.delete` | `POST pools/{id}/sessions`, `DELETE pools/{id}/sessions/{sid}` | `agentFlow` |
+//! | `messages.get`, `messages.delete` | `GET pools/{id}/messages?sessionId=&lastMessageId=`, `DELETE …/messages/{mid}?sessionId=` | `agentFlow` |
+//! | `resourceusage.get` | `GET resourceusage?parallelismTag=&poolIsHosted=&includeRunningRequests=` (`*-preview*` only) | `resourceUsage` |
+//! | `oauth.agent` | `POST {ado}/_vstoken/{org}/oauth2/token` (the agents' `authorizationUrl`) | `agentFlow` |
+//! | `testbed.report` | `POST {org}/_testbed/requests/{id}/report` (probe steps; no auth) | — |
+//!
+//! Entra listener (`entra_url()`, usable as `AZURE_AUTHORITY_HOST`): `entra.token`
+//! (`POST {tenant}/oauth2/v2.0/token`), `entra.openid` (`GET {tenant}/v2.0/.well-known/openid-configuration`),
+//! `entra.jwks` (`GET {tenant}/discovery/v2.0/keys`).
+//!
+//! # Authentication
+//!
+//! `Bearer <access token>` (from the exchange or [`Simulator::mint_access_token`]), `Basic :<PAT>`,
+//! `Bearer <PAT>`, or `Basic :<access token>` (`config.sh --auth pat` with an Entra token). Missing,
+//! expired, forged or wrong-audience tokens → 401 + `WWW-Authenticate`; an identity not in the org →
+//! 401 `TF401444`; reading a pool needs the `reader` role, changing agents `administrator` (else 403).
+//! Sessions, messages and the agent's own job requests need the agent's OAuth token.
+//! Call counters label identities as `{org}/{objectId}`, `{org}/agent:{id}`, `anonymous` (refused
+//! before authentication) or `fault` (answered by an injected fault).
+//!
+//! # Semantics
+//!
+//! A request is assigned only to an online (has a session), enabled agent without a job whose
+//! capabilities satisfy its demands, while one of the organization's parallel jobs is free (tag
+//! `Private`; a slot is held from assignment to finish). Requests no agent of the pool (online or
+//! not) can serve fail at once, and when the last matching agent is deleted. Unreceived assignments
+//! return to the queue when the session ends; received jobs whose lock is not renewed are abandoned.
 
 mod ado;
 mod control;
