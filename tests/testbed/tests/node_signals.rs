@@ -185,3 +185,106 @@ async fn eviction_and_drain_stop_pods_through_sigterm() {
     );
     harness.shutdown().await.expect("shutdown");
 }
+
+/// Whether process `pid` is gone (absent, or a zombie waiting for its new parent to reap it).
+fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| {
+                stat[i + 1..]
+                    .split_whitespace()
+                    .next()
+                    .map(|s| s == "Z" || s == "X")
+            })
+            .unwrap_or(true),
+    }
+}
+
+#[tokio::test]
+async fn sigterm_reaches_only_the_main_process_and_teardown_kills_every_process() {
+    init_tracing();
+    let client = node::client().await;
+    let ns = TestNamespace::create(&client, "node-wrapper").await;
+    let harness = NodeHarness::start(client.clone(), NodeConfig::for_namespace(ns.name()))
+        .await
+        .expect("node harness starts");
+    let pods: Api<Pod> = ns.api();
+    // Like the agent's run.sh: a wrapper that neither execs nor forwards SIGTERM. Child 1 shares its
+    // process group; child 2 gets one of its own (perl's setpgrp: `sh` has no job control without a tty),
+    // as the entrypoint gives the listener. Both trap SIGTERM to prove whether they ever got one.
+    // (`$$$$` is the shell's `$$`: Kubernetes expands `$$` in a command to `$`.)
+    let child = |n: u8, prefix: &str| {
+        format!(
+            r#"{prefix}sh -c 'trap "echo got TERM > \"$TESTBED_POD_DIR/child-{n}.txt\"; exit 0" TERM; echo $$$$ > "$TESTBED_POD_DIR/child-{n}.pid"; while true; do sleep 0.1; done' &"#
+        )
+    };
+    let script = format!(
+        "{}\n{}\nwait",
+        child(1, ""),
+        child(2, "perl -e 'setpgrp(0,0); exec @ARGV or die' -- ")
+    );
+    pods.create(&PostParams::default(), &shell_pod("wrapper", &script))
+        .await
+        .expect("create pod");
+    wait_pod_phase(&pods, "wrapper", "Running", TIMEOUT).await;
+    let layout = harness.pod_layout(ns.name(), "wrapper").expect("known pod");
+    let mut children = Vec::new();
+    for n in [1, 2] {
+        let pid_file = layout.dir.join(format!("child-{n}.pid"));
+        wait_output(&pid_file, "\n").await;
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .expect("child pid file")
+            .trim()
+            .parse()
+            .expect("a pid");
+        children.push((n, pid));
+    }
+
+    let pgrp = |pid: i32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("child is running");
+        let rest = stat
+            .rfind(')')
+            .map(|i| stat[i + 1..].to_owned())
+            .unwrap_or_default();
+        rest.split_whitespace()
+            .nth(2)
+            .map(str::to_owned)
+            .expect("pgrp field")
+    };
+    assert_ne!(
+        pgrp(children[0].1),
+        pgrp(children[1].1),
+        "child 2 runs in a process group of its own"
+    );
+    let follow = tokio::spawn({
+        let pods = pods.clone();
+        async move { last_state_before_deletion(&pods, "wrapper", TIMEOUT).await }
+    });
+    tokio::task::yield_now().await;
+    pods.delete("wrapper", &DeleteParams::default())
+        .await
+        .expect("delete pod");
+    let last = follow.await.expect("follower");
+    assert_eq!(
+        terminated(&last),
+        Some((143, "Error".to_owned())),
+        "the wrapper died of SIGTERM"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for (n, pid) in children {
+        while !process_gone(pid) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "child {n} ({pid}) survived the container's teardown"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            !layout.dir.join(format!("child-{n}.txt")).exists(),
+            "child {n} got SIGTERM: it must go to the main process only, as a container runtime sends it"
+        );
+    }
+    harness.shutdown().await.expect("shutdown");
+}

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::NodeError;
+use super::process::StopSignalTarget;
 
 /// The resources the node reports (`status.capacity` = `status.allocatable`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,6 +95,8 @@ pub struct NodeConfig {
     pub restart_backoff: Duration,
     /// Retry interval while a container cannot be configured (missing Secret, ServiceAccount, ...).
     pub config_retry_interval: Duration,
+    /// Who gets SIGTERM when a pod is deleted (default: the main process, as in Kubernetes).
+    pub stop_signal_target: StopSignalTarget,
 }
 
 impl NodeConfig {
@@ -117,6 +120,7 @@ impl NodeConfig {
             token_refresh_interval: None,
             restart_backoff: Duration::from_secs(1),
             config_retry_interval: Duration::from_secs(1),
+            stop_signal_target: StopSignalTarget::default(),
         }
     }
 

@@ -10,11 +10,10 @@ use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret, ServiceAccou
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, watcher as watch_pods};
-use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, watch};
 
 use super::env::{self as podenv, EnvVars, Fetched, PodPlacement};
-use super::process::{ProcessSpec, Running, exit_code, resolve_program};
+use super::process::{ProcessSpec, Running, StopSignalTarget, exit_code, resolve_program};
 use super::status::{ContainerState, PodStatusInput, Termination, pod_status};
 use super::volumes::{self, PodLayout, TokenFile};
 use super::{Control, NodeError, POD_DIR_ENV, POD_ROOT_ENV, PodEntry, Shared, identity, is_status};
@@ -598,6 +597,7 @@ enum Outcome {
 }
 
 async fn supervise(
+    target: StopSignalTarget,
     proc: &mut Running,
     pod_rx: &mut watch::Receiver<Pod>,
     control: &mut mpsc::UnboundedReceiver<Control>,
@@ -610,7 +610,7 @@ async fn supervise(
         let pod = pod_rx.borrow_and_update();
         if deleting(&pod) {
             terminating = true;
-            proc.signal(Signal::SIGTERM);
+            proc.stop(target);
             kill_at = Some(tokio::time::Instant::now() + grace_period(&pod));
         }
     }
@@ -619,33 +619,33 @@ async fn supervise(
             status = proc.wait() => return Outcome::Exited { status, reason },
             changed = pod_rx.changed() => {
                 if changed.is_err() {
-                    proc.signal(Signal::SIGKILL);
+                    proc.kill_all();
                     let _ = proc.wait().await;
                     return Outcome::Abandoned;
                 }
                 let pod = pod_rx.borrow_and_update().clone();
                 if deleting(&pod) && !terminating {
                     terminating = true;
-                    proc.signal(Signal::SIGTERM);
+                    proc.stop(target);
                     kill_at = Some(tokio::time::Instant::now() + grace_period(&pod));
                 }
             }
             msg = control.recv() => match msg {
                 Some(Control::Kill { reason: r }) => {
                     reason = Some(r);
-                    proc.signal(Signal::SIGKILL);
+                    proc.kill_all();
                 }
                 Some(Control::Terminate { grace, reason: r }) => {
                     reason = Some(r);
                     if !terminating {
                         terminating = true;
-                        proc.signal(Signal::SIGTERM);
+                        proc.stop(target);
                         let pod_grace = grace_period(&pod_rx.borrow());
                         kill_at = Some(tokio::time::Instant::now() + grace.min(pod_grace));
                     }
                 }
                 Some(Control::Abandon) | None => {
-                    proc.signal(Signal::SIGKILL);
+                    proc.kill_all();
                     let _ = proc.wait().await;
                     return Outcome::Abandoned;
                 }
@@ -657,7 +657,7 @@ async fn supervise(
                 }
             } => {
                 kill_at = None;
-                proc.signal(Signal::SIGKILL);
+                proc.kill_all();
             }
         }
     }
@@ -828,7 +828,13 @@ async fn worker(
             last.as_ref(),
         )
         .await;
-        let outcome = supervise(&mut proc, &mut pod_rx, &mut control).await;
+        let outcome = supervise(
+            shared.config.stop_signal_target,
+            &mut proc,
+            &mut pod_rx,
+            &mut control,
+        )
+        .await;
         if let Some(e) = shared.pods().get_mut(&uid) {
             e.pid = None;
         }

@@ -12,8 +12,10 @@
 //!    init and other containers are not run) as a local process with the pod's env, a per-pod folder and
 //!    volumes mapped to folders ([`volumes`] documents the layout and the path mapping), and writes pod
 //!    status back (Pending → Running → Succeeded/Failed with exit codes) so the real Job controller sees it;
-//! 4. on pod deletion sends SIGTERM to the process group, waits the grace period, sends SIGKILL, writes the
-//!    terminal status and deletes the pod with grace 0; hooks simulate node events ([`NodeHarness::kill_pod`],
+//! 4. on pod deletion sends SIGTERM to the main process (as a container runtime does; or to its process
+//!    group, see [`StopSignalTarget`]), waits the grace period, sends SIGKILL to every process the
+//!    container started (its session, see [`process`]), writes the terminal status and deletes the pod with
+//!    grace 0; hooks simulate node events ([`NodeHarness::kill_pod`],
 //!    [`NodeHarness::evict_pod`], [`NodeHarness::drain`], [`NodeHarness::stop_heartbeats`],
 //!    [`NodeHarness::lose_node`]);
 //! 5. plays the AKS workload-identity webhook for pods labelled `azure.workload.identity/use: "true"`
@@ -48,6 +50,7 @@ use tokio::task::JoinHandle;
 
 pub use cli::{NodeArgs, run as run_cli};
 pub use config::{ImageConfig, NodeCapacity, NodeConfig, WorkloadIdentityConfig};
+pub use process::StopSignalTarget;
 pub use volumes::PodLayout;
 
 /// The env var a process finds its pod's `root/` folder in (mount paths live under it).
@@ -503,7 +506,7 @@ impl Drop for NodeHarness {
         }
         for e in self.shared.pods().values() {
             if let Some(pid) = e.pid {
-                process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+                process::kill_session(pid);
             }
             if let Some(c) = &e.control {
                 let _ = c.send(Control::Abandon);

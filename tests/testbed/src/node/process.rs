@@ -1,4 +1,10 @@
-//! A container's main process: executable lookup, spawning in its own process group, signals.
+//! A container's main process: executable lookup, spawning, signals.
+//!
+//! Each main process starts a new session (`setsid`), which stands in for the container's cgroup: every
+//! process it starts stays in that session even when it makes its own process group (as the agent
+//! entrypoint does for the listener), so tearing the "container" down (SIGKILL) reaches all of them.
+//! The stop signal (SIGTERM) goes, as with a real container runtime, to the main process only — unless
+//! [`StopSignalTarget::ProcessGroup`] is configured.
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -8,6 +14,17 @@ use nix::unistd::Pid;
 
 use super::NodeError;
 use super::volumes::MountTable;
+
+/// Who gets the stop signal (SIGTERM) when a pod is deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StopSignalTarget {
+    /// The main process only, as a container runtime signals a container's PID 1 (a wrapper script that
+    /// does not forward SIGTERM keeps its children from seeing it — as in Kubernetes).
+    #[default]
+    MainProcess,
+    /// The main process's whole process group.
+    ProcessGroup,
+}
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -123,8 +140,16 @@ impl Running {
             .stdin(Stdio::null())
             .stdout(Stdio::from(stdout))
             .stderr(Stdio::from(stderr))
-            .process_group(0)
             .kill_on_drop(true);
+        // SAFETY: `setsid` is async-signal-safe and touches no memory of the parent; it runs in the forked
+        // child before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
         let child = cmd.spawn().map_err(|source| NodeError::Spawn {
             program: spec.program.clone(),
             source,
@@ -151,11 +176,26 @@ impl Running {
         signal_group(self.pgid.as_raw(), signal);
     }
 
-    /// Waits for the main process to exit; then kills what is left of its process group, as tearing down
-    /// the container would.
+    /// Sends the stop signal (SIGTERM) to `target`.
+    pub fn stop(&self, target: StopSignalTarget) {
+        match target {
+            StopSignalTarget::MainProcess => {
+                let _ = nix::sys::signal::kill(self.pgid, Signal::SIGTERM);
+            }
+            StopSignalTarget::ProcessGroup => self.signal(Signal::SIGTERM),
+        }
+    }
+
+    /// SIGKILL to every process of the container (its session).
+    pub fn kill_all(&self) {
+        kill_session(self.pgid.as_raw());
+    }
+
+    /// Waits for the main process to exit; then kills what is left of the container (its session), as
+    /// tearing the container down would.
     pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
         let status = self.child.wait().await;
-        self.signal(Signal::SIGKILL);
+        self.kill_all();
         status
     }
 }
@@ -164,6 +204,48 @@ impl Running {
 pub fn signal_group(pgid: i32, signal: Signal) {
     if pgid > 1 {
         let _ = killpg(Pid::from_raw(pgid), signal);
+    }
+}
+
+/// The processes of session `sid` (from `/proc/<pid>/stat`).
+pub fn session_members(sid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = i32::try_from(std::process::id()).unwrap_or(0);
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| session_of_stat(&stat))
+                == Some(sid)
+        })
+        .collect()
+}
+
+/// The session id field of a `/proc/<pid>/stat` line (the command may contain spaces and parentheses).
+fn session_of_stat(stat: &str) -> Option<i32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // state ppid pgrp session ...
+    rest.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// SIGKILL to every process of session `sid` (repeated while a process forks meanwhile).
+pub fn kill_session(sid: i32) {
+    if sid <= 1 {
+        return;
+    }
+    signal_group(sid, Signal::SIGKILL);
+    for _ in 0..5 {
+        let members = session_members(sid);
+        if members.is_empty() {
+            return;
+        }
+        for pid in members {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
     }
 }
 
@@ -218,6 +300,12 @@ mod tests {
         )
         .expect("found by file name");
         assert_eq!(found, bin_dir.join("sh"));
+    }
+
+    #[test]
+    fn session_is_read_from_proc_stat() {
+        assert_eq!(session_of_stat("42 (a b) c)) S 1 42 42 0 -1"), Some(42));
+        assert_eq!(session_of_stat("garbage"), None);
     }
 
     #[test]
