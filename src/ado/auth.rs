@@ -280,6 +280,12 @@ pub struct WorkloadIdentityConfig {
 }
 
 impl WorkloadIdentityConfig {
+    /// The key of this identity for sharing one client per (organization, identity); equal to
+    /// [`TokenSource::identity_key`] of a source built from this configuration.
+    pub fn identity_key(&self) -> String {
+        format!("wi:{}:{}", self.tenant_id, self.client_id)
+    }
+
     /// From the process environment; `client_id` overrides `AZURE_CLIENT_ID` when given.
     pub fn from_env(client_id: Option<&str>) -> Result<Self, AuthError> {
         Self::from_lookup(client_id, |k| std::env::var(k).ok())
@@ -465,12 +471,16 @@ impl TokenSource {
     /// A stable key of the identity, for sharing rate-limit state per (organization, identity).
     pub fn identity_key(&self) -> String {
         match &self.inner.kind {
-            Kind::WorkloadIdentity { config, .. } => {
-                format!("wi:{}:{}", config.tenant_id, config.client_id)
-            }
+            Kind::WorkloadIdentity { config, .. } => config.identity_key(),
             Kind::PatFile { path } => format!("pat:{}", path.display()),
             Kind::AzureCli { .. } => "azure-cli".to_owned(),
-            Kind::Fixed { .. } => format!("fixed:{:p}", Arc::as_ptr(&self.inner)),
+            // Two sources holding the same token are the same identity; the key holds a hash only.
+            Kind::Fixed { token } => {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::hash::DefaultHasher::new();
+                token.secret.hash(&mut h);
+                format!("fixed:{:?}:{:016x}", token.scheme, h.finish())
+            }
         }
     }
 

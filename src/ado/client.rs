@@ -715,18 +715,45 @@ impl AdoClients {
     /// The client of (`organization_url`, the identity of `tokens`): the existing one when there is
     /// one (then `tokens` is dropped and the existing token cache is used), else a new one.
     pub fn get(&self, organization_url: &str, tokens: TokenSource) -> Result<AdoClient, AdoError> {
+        let key = tokens.identity_key();
+        self.get_or_insert_with(organization_url, &key, || Ok(tokens))
+    }
+
+    /// The client of (`organization_url`, `identity_key`), calling `tokens` only when there is none
+    /// yet: building a token source builds an HTTPS client, which is not free on every poll. Use
+    /// [`super::WorkloadIdentityConfig::identity_key`] or [`TokenSource::identity_key`] as the key.
+    pub fn get_or_insert_with<E: From<AdoError>>(
+        &self,
+        organization_url: &str,
+        identity_key: &str,
+        tokens: impl FnOnce() -> Result<TokenSource, E>,
+    ) -> Result<AdoClient, E> {
         let org = parse_organization(organization_url)?;
-        let key = (org.as_str().to_ascii_lowercase(), tokens.identity_key());
-        let mut clients = self
-            .clients
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(existing) = clients.get(&key) {
+        let key = (org.as_str().to_ascii_lowercase(), identity_key.to_owned());
+        if let Some(existing) = self.lock().get(&key) {
             return Ok(existing.clone());
         }
-        let client = AdoClient::with_config(org.as_str(), tokens, self.config.clone())?;
-        clients.insert(key, client.clone());
-        Ok(client)
+        // Built outside the lock; if another caller won the race, its client is kept.
+        let client = AdoClient::with_config(org.as_str(), tokens()?, self.config.clone())?;
+        Ok(self.lock().entry(key).or_insert(client).clone())
+    }
+
+    /// Number of clients held.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no client is held.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), AdoClient>> {
+        self.clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Forgets every client (e.g. after the identity configuration changed).
@@ -906,6 +933,31 @@ mod tests {
         assert!(!Arc::ptr_eq(&a.inner, &c.inner));
         let d = reg.get("https://dev.azure.com/fabrikam", fixed).unwrap();
         assert!(!Arc::ptr_eq(&a.inner, &d.inner));
+        // A new source holding the same token (the controller builds one per poll) is the same
+        // identity: no new client, no unbounded growth.
+        let same_token = TokenSource::fixed(super::super::auth::AccessToken::new(
+            "t",
+            super::super::auth::AuthScheme::Bearer,
+            None,
+        ));
+        let e = reg
+            .get("https://dev.azure.com/contoso", same_token)
+            .unwrap();
+        assert!(Arc::ptr_eq(&a.inner, &e.inner));
+        assert_eq!(reg.len(), 3);
+        let mut built = false;
+        let f = reg
+            .get_or_insert_with::<AdoError>(
+                "https://dev.azure.com/contoso",
+                &a.tokens().identity_key(),
+                || {
+                    built = true;
+                    Ok(TokenSource::pat_file("/never"))
+                },
+            )
+            .unwrap();
+        assert!(Arc::ptr_eq(&a.inner, &f.inner));
+        assert!(!built, "the token source is built only for a new client");
     }
 
     #[tokio::test]
