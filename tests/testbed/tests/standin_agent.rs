@@ -366,6 +366,10 @@ async fn an_existing_name_fails_without_replace_and_is_taken_over_with_it() {
 
     let out = bed.configure(&second, "same-name", &["--replace"]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout.contains("Successfully replaced the agent"),
+        "{out:?}"
+    );
     let replaced = bed.agent("same-name").expect("still registered");
     assert_eq!(replaced.id, original.id, "the same agent is taken over");
     assert_eq!(bed.sim.agents(ORG, POOL).expect("agents").len(), 1);

@@ -124,7 +124,14 @@ pub async fn configure(ctx: &Context, cmd: &CommandLine) -> Result<(), StandinEr
         work_folder: cmd.required("work", Some("_work"))?,
     };
     files::save_json(&ctx.root.join(files::AGENT_FILE), &settings, 0o644)?;
-    println!("Successfully added the agent\nTesting agent connection.\nSettings Saved.");
+    println!(
+        "{}\nTesting agent connection.\nSettings Saved.",
+        if replaced {
+            "Successfully replaced the agent"
+        } else {
+            "Successfully added the agent"
+        }
+    );
     diag::event(
         &ctx.root,
         "configured",

@@ -380,6 +380,7 @@ fn spawn_signal_watch(root: std::path::PathBuf) -> watch::Receiver<bool> {
 }
 
 async fn listen(listener: Arc<Listener>, once: bool, mut shutdown: watch::Receiver<bool>) -> Exit {
+    println!("Scanning for tool capabilities.\nConnecting to the server.");
     let session = tokio::select! {
         s = create_session(&listener) => s,
         _ = shutdown.wait_for(|v| *v) => return Exit::new(return_code::SUCCESS, "shutdown_before_session"),
