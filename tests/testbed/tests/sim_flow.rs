@@ -752,7 +752,7 @@ async fn parallel_jobs_are_counted_across_the_pools_of_the_organization() {
     let mut linux = b.online("linux-agent", &[]).await;
     // An agent of the second pool, registered through the same helpers.
     let win_pool = b.sim.pool_id(ORG, "windows").unwrap();
-    let key = azp_testbed::sim::testing::AgentKey::new().unwrap();
+    let key = shared_key();
     let r = b
         .send(
             Method::POST,

@@ -119,7 +119,7 @@ impl Bed {
 
     /// Registers an agent (POST) with the given capabilities; returns it without a session.
     pub async fn register(&self, name: &str, caps: &[(&str, &str)]) -> TestAgent {
-        let key = AgentKey::new().expect("agent key");
+        let key = shared_key();
         let caps: serde_json::Map<String, Value> = caps
             .iter()
             .map(|(k, v)| ((*k).to_owned(), json!(v)))
@@ -170,7 +170,7 @@ pub struct TestAgent {
     pub name: String,
     pub client_id: String,
     pub auth_url: String,
-    pub key: AgentKey,
+    pub key: &'static AgentKey,
     pub token: String,
     pub session: String,
     pub pool_id: u32,
@@ -322,10 +322,17 @@ impl TestAgent {
     }
 }
 
+/// One agent key per test process: RSA key generation is the slowest part of a test, and agents
+/// sharing a key changes nothing the simulator checks (tests of a key takeover make their own).
+pub fn shared_key() -> &'static AgentKey {
+    static KEY: std::sync::OnceLock<AgentKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| AgentKey::new().expect("agent key"))
+}
+
 /// Config for tests that wait on long polls: short polls keep them quick.
 pub fn quick() -> SimConfig {
     SimConfig {
-        long_poll_secs: 2,
+        long_poll_secs: 1,
         ..SimConfig::default()
     }
 }
