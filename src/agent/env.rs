@@ -96,9 +96,14 @@ mod tests {
     use super::*;
 
     fn build(vars: &[(&str, &str)]) -> BTreeMap<String, String> {
+        let caps = BTreeMap::from([(
+            "azp-autoscaler.owner".to_owned(),
+            "cluster-a/ci/linux".to_owned(),
+        )]);
         child_env(
             vars.iter()
                 .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+            &caps,
         )
         .into_iter()
         .map(|(k, v)| (k.into_string().unwrap(), v.into_string().unwrap()))

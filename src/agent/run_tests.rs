@@ -46,11 +46,14 @@ exit "$code"
 /// in `job.result`; SIGTERM cancels the job; exits with `listener.code` (default 0).
 const LISTENER: &str = r#"#!/bin/sh
 cd "$(dirname "$0")/.."
-env > listener.env
+# The environment as exec'd (a shell drops names like `agent.disableupdate` from its own `env`).
+tr '\0' '\n' < /proc/$$/environ > listener.env
 echo "$*" > listener.argv
 echo "$(date -u): Listening for Jobs"
-trap 'echo "$(date -u): Job Build completed with result: Canceled"; exit 0' TERM
+injob=0
+trap '[ "$injob" = 1 ] && echo "$(date -u): Job Build completed with result: Canceled"; exit 0' TERM
 if [ -f job ]; then
+  injob=1
   echo "$(date -u): Running job: Build"
   secs="$(cat job)"
   i=0
@@ -180,12 +183,7 @@ fn parent_env() -> Vec<(OsString, OsString)> {
     .collect()
 }
 
-async fn run_with(
-    dir: &Dir,
-    settings: Settings,
-    ado: &FakeAdo,
-    term: Termination,
-) -> super::Outcome {
+async fn run_with(settings: Settings, ado: &FakeAdo, term: Termination) -> super::Outcome {
     let env = super::env::child_env(parent_env(), &BTreeMap::new());
     Runner::new(&settings, ado, term, env)
         .with_backoff(Backoff {
@@ -205,7 +203,7 @@ async fn happy_path_registers_runs_and_removes_with_a_fresh_token() {
     let dir = Dir::new();
     dir.write("job", "0");
     let ado = FakeAdo::default();
-    let outcome = run_with(&dir, dir.settings(), &ado, Termination::never()).await;
+    let outcome = run_with(dir.settings(), &ado, Termination::never()).await;
     assert_eq!(outcome.exit(), Exit::Success, "{outcome:?}");
     assert!(outcome.job_started);
     assert_eq!(outcome.job_result, Some(JobResult::Succeeded));
@@ -243,7 +241,7 @@ async fn exit_code_2_is_retried_and_stale_config_is_cleared() {
     let dir = Dir::new();
     dir.write("config.codes", "2 2 0");
     let ado = FakeAdo::default();
-    let outcome = run_with(&dir, dir.settings(), &ado, Termination::never()).await;
+    let outcome = run_with(dir.settings(), &ado, Termination::never()).await;
     assert_eq!(outcome.exit(), Exit::Success, "{outcome:?}");
     assert_eq!(dir.read("argv.log").lines().count(), 3);
     // Every attempt got its own freshly acquired token.
@@ -259,7 +257,7 @@ async fn exit_code_1_is_not_retried_and_is_explained() {
         diagnosis: Some(identity_error()),
         ..FakeAdo::default()
     };
-    let outcome = run_with(&dir, dir.settings(), &ado, Termination::never()).await;
+    let outcome = run_with(dir.settings(), &ado, Termination::never()).await;
     assert_eq!(
         outcome.exit(),
         Exit::Token,
@@ -274,7 +272,7 @@ async fn exit_code_1_is_not_retried_and_is_explained() {
     let dir = Dir::new();
     dir.write("config.codes", "1");
     let ado = FakeAdo::default();
-    let outcome = run_with(&dir, dir.settings(), &ado, Termination::never()).await;
+    let outcome = run_with(dir.settings(), &ado, Termination::never()).await;
     assert_eq!(outcome.exit(), Exit::Registration);
 }
 
@@ -285,7 +283,7 @@ async fn retries_of_exit_code_2_stop_at_the_registration_budget() {
     let ado = FakeAdo::default();
     let mut settings = dir.settings();
     settings.register_timeout = Duration::from_secs(1);
-    let outcome = run_with(&dir, settings, &ado, Termination::never()).await;
+    let outcome = run_with(settings, &ado, Termination::never()).await;
     assert_eq!(outcome.exit(), Exit::Registration);
     assert!(dir.read("argv.log").lines().count() >= 2);
 }
@@ -298,13 +296,13 @@ async fn transient_token_failures_are_retried_permanent_ones_are_not() {
         .lock()
         .unwrap()
         .extend([Err(transient()), Err(transient())]);
-    let outcome = run_with(&dir, dir.settings(), &ado, Termination::never()).await;
+    let outcome = run_with(dir.settings(), &ado, Termination::never()).await;
     assert_eq!(outcome.exit(), Exit::Success, "{outcome:?}");
 
     let dir = Dir::new();
     let ado = FakeAdo::default();
     ado.tokens.lock().unwrap().push_back(Err(identity_error()));
-    let outcome = run_with(&dir, dir.settings(), &ado, Termination::never()).await;
+    let outcome = run_with(dir.settings(), &ado, Termination::never()).await;
     assert_eq!(outcome.exit(), Exit::Token);
     assert_eq!(*ado.token_calls.lock().unwrap(), 1);
     assert!(
@@ -318,7 +316,7 @@ async fn failed_config_remove_falls_back_to_the_rest_delete_by_id() {
     let dir = Dir::new();
     dir.write("remove.code", "1");
     let ado = FakeAdo::default();
-    let outcome = run_with(&dir, dir.settings(), &ado, Termination::never()).await;
+    let outcome = run_with(dir.settings(), &ado, Termination::never()).await;
     assert_eq!(outcome.exit(), Exit::Success, "{outcome:?}");
     assert_eq!(
         *ado.deleted.lock().unwrap(),
@@ -340,7 +338,7 @@ async fn deregistration_that_never_succeeds_exits_15() {
         .extend((0..1000).map(|_| Err(transient())));
     let mut settings = dir.settings();
     settings.deregister_timeout = Duration::from_secs(1);
-    let outcome = run_with(&dir, settings, &ado, Termination::never()).await;
+    let outcome = run_with(settings, &ado, Termination::never()).await;
     assert_eq!(outcome.exit(), Exit::Deregistration, "{outcome:?}");
 }
 
@@ -353,7 +351,7 @@ async fn listener_stopping_idle_when_the_controller_removed_the_agent_is_success
         .lock()
         .unwrap()
         .push_back(Ok(Removal::AlreadyGone));
-    let outcome = run_with(&dir, dir.settings(), &ado, Termination::never()).await;
+    let outcome = run_with(dir.settings(), &ado, Termination::never()).await;
     assert_eq!(outcome.exit(), Exit::Success, "{outcome:?}");
     // REST first: config.sh remove was not needed.
     assert!(!dir.read("calls.log").contains("remove"));
@@ -362,7 +360,7 @@ async fn listener_stopping_idle_when_the_controller_removed_the_agent_is_success
     let dir = Dir::new();
     dir.write("listener.code", "2");
     let ado = FakeAdo::default();
-    let outcome = run_with(&dir, dir.settings(), &ado, Termination::never()).await;
+    let outcome = run_with(dir.settings(), &ado, Termination::never()).await;
     assert_eq!(outcome.exit(), Exit::Agent, "{outcome:?}");
 }
 
@@ -374,7 +372,7 @@ async fn job_result_decides_the_exit_code_only_when_asked() {
         dir.write("job.result", "Failed");
         let mut settings = dir.settings();
         settings.exit_with_job_result = flag;
-        let outcome = run_with(&dir, settings, &FakeAdo::default(), Termination::never()).await;
+        let outcome = run_with(settings, &FakeAdo::default(), Termination::never()).await;
         assert_eq!(outcome.exit(), want);
     }
 }
@@ -436,7 +434,7 @@ async fn sigterm_before_registration_registers_nothing() {
         by_name: None,
         ..FakeAdo::default()
     };
-    let outcome = run_with(&dir, dir.settings(), &ado, term).await;
+    let outcome = run_with(dir.settings(), &ado, term).await;
     assert_eq!(outcome.exit(), Exit::Success, "{outcome:?}");
     assert!(dir.read("argv.log").is_empty());
     assert!(dir.read("listener.argv").is_empty());
