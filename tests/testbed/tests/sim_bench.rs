@@ -95,7 +95,7 @@ async fn measure_simulator() {
     }
     ready.wait().await;
     println!(
-        "50 agents online (incl. test-side RSA key generation): {:.0} ms",
+        "50 agents online (register, agent OAuth, session; one shared test key): {:.0} ms",
         ms(t.elapsed())
     );
     let t = Instant::now();
