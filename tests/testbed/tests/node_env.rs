@@ -234,3 +234,116 @@ async fn a_missing_secret_holds_the_container_until_it_is_created() {
     wait_pod_phase(&pods, "waits", "Succeeded", TIMEOUT).await;
     harness.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test]
+async fn image_entrypoints_and_the_path_prefix_supply_the_command() {
+    use std::os::unix::fs::PermissionsExt;
+    init_tracing();
+    let client = node::client().await;
+    let ns = TestNamespace::create(&client, "node-image").await;
+    let mut config = NodeConfig::for_namespace(ns.name());
+    // A tool "installed in the image" at /opt/tools/bin, found by file name in the PATH prefix.
+    let tools = config.work_dir.join(format!("{}-tools", ns.name()));
+    std::fs::create_dir_all(&tools).expect("tools folder");
+    let tool = tools.join("hello-tool");
+    std::fs::write(&tool, "#!/bin/sh\necho \"hello-tool $*\"\n").expect("write tool");
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).expect("chmod tool");
+    config.path_prefix.insert(0, tools.clone());
+    config.images.insert(
+        "testbed/echo:1".into(),
+        node::ImageConfig {
+            entrypoint: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo \"$0 $* in $PWD with $IMAGE_VAR\"".into(),
+            ],
+            cmd: vec!["default-cmd".into()],
+            working_dir: Some("/srv/app".into()),
+            env: vec![("IMAGE_VAR".into(), "from-image".into())],
+        },
+    );
+    let harness = NodeHarness::start(client.clone(), config)
+        .await
+        .expect("node harness starts");
+    let pod = |name: &str, container: serde_json::Value| -> Pod {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"restartPolicy": "Never", "containers": [container]},
+        }))
+        .expect("pod")
+    };
+    let pods: Api<Pod> = ns.api();
+    let pp = PostParams::default();
+    pods.create(
+        &pp,
+        &pod("cmd", json!({"name": "main", "image": "testbed/echo:1"})),
+    )
+    .await
+    .expect("create");
+    pods.create(
+        &pp,
+        &pod(
+            "args",
+            json!({"name": "main", "image": "testbed/echo:1", "args": ["from-args", "x"]}),
+        ),
+    )
+    .await
+    .expect("create");
+    pods.create(
+        &pp,
+        &pod("tool", json!({"name": "main", "image": "testbed/echo:1", "command": ["/opt/tools/bin/hello-tool", "a"]})),
+    )
+    .await
+    .expect("create");
+    pods.create(
+        &pp,
+        &pod("nothing", json!({"name": "main", "image": "unknown/image"})),
+    )
+    .await
+    .expect("create");
+    for name in ["cmd", "args", "tool"] {
+        wait_pod_phase(&pods, name, "Succeeded", TIMEOUT).await;
+    }
+    let out = |name: &str| {
+        let layout = harness.pod_layout(ns.name(), name).expect("known pod");
+        (
+            std::fs::read_to_string(&layout.stdout)
+                .expect("stdout")
+                .trim()
+                .to_owned(),
+            layout,
+        )
+    };
+    let (cmd, layout) = out("cmd");
+    assert_eq!(
+        cmd,
+        format!(
+            "default-cmd  in {} with from-image",
+            layout.in_root("/srv/app").display()
+        )
+    );
+    let (args, _) = out("args");
+    assert!(
+        args.starts_with("from-args x in "),
+        "args replace the image's CMD: {args}"
+    );
+    let (tool, _) = out("tool");
+    assert_eq!(
+        tool, "hello-tool a",
+        "an absolute image path resolves by file name in the PATH prefix"
+    );
+
+    // No command and no known image: the pod fails with StartError, saying what to configure.
+    let failed = wait_pod_phase(&pods, "nothing", "Failed", TIMEOUT).await;
+    let t = failed
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first())
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.clone())
+        .expect("terminated");
+    assert_eq!(t.reason.as_deref(), Some("StartError"));
+    assert!(t.message.unwrap_or_default().contains("NodeConfig::images"));
+    harness.shutdown().await.expect("shutdown");
+}

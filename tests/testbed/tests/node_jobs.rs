@@ -166,3 +166,40 @@ async fn an_oom_like_kill_fails_the_job_with_exit_code_137() {
     assert_eq!(err.metric_label(), "no_such_pod");
     harness.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test]
+async fn on_failure_restarts_the_container_in_the_same_pod() {
+    init_tracing();
+    let client = node::client().await;
+    let ns = TestNamespace::create(&client, "node-restart").await;
+    let harness = NodeHarness::start(client.clone(), NodeConfig::for_namespace(ns.name()))
+        .await
+        .expect("node harness starts");
+    let mut pod = shell_pod(
+        "flaky",
+        r#"if [ -f "$TESTBED_POD_DIR/failed-once" ]; then exit 0; fi; touch "$TESTBED_POD_DIR/failed-once"; exit 1"#,
+    );
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.restart_policy = Some("OnFailure".into());
+    }
+    let pods: Api<Pod> = ns.api();
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    let done = wait_pod_phase(&pods, "flaky", "Succeeded", TIMEOUT).await;
+    let status = done
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first())
+        .cloned()
+        .expect("container status");
+    assert_eq!(status.restart_count, 1);
+    let last = status
+        .last_state
+        .and_then(|s| s.terminated)
+        .expect("lastState.terminated");
+    assert_eq!(last.exit_code, 1);
+    assert_eq!(terminated(&done), Some((0, "Completed".to_owned())));
+    harness.shutdown().await.expect("shutdown");
+}

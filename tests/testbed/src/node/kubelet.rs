@@ -106,7 +106,12 @@ pub(crate) async fn run(shared: Arc<Shared>) {
 
 /// The pod no longer exists: its worker (if any) kills the process and ends.
 fn on_gone(shared: &Shared, uid: &str) {
-    shared.pods().remove(uid);
+    let entry = shared.pods().remove(uid);
+    // A pod deleted right after binding may never have had a worker: free the slot the binder took.
+    // (A live worker frees it itself once its process is gone.)
+    if entry.is_none_or(|e| e.updates.is_none()) {
+        shared.release_slot(uid);
+    }
 }
 
 fn on_pod(shared: &Arc<Shared>, pod: Pod) {
@@ -138,6 +143,7 @@ fn on_pod(shared: &Arc<Shared>, pod: Pod) {
         force_deleted: false,
     };
     if is_terminal(&pod) {
+        shared.release_slot(&uid);
         if deleting(&pod) {
             entry.force_deleted = true;
             tokio::spawn(force_delete(shared.clone(), pod));
