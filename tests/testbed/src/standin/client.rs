@@ -1,7 +1,9 @@
 //! HTTP to the (simulated) ADO service, as the agent's `TaskAgentHttpClient` does it: `api-version` on every
 //! call, PAT as Basic `VstsAgent:<token>` during configuration, the agent's own OAuth token (Bearer) when
 //! listening; ADO error bodies (`typeKey`, `message`) surfaced; transient failures retried like the VSS HTTP
-//! retry handler (`VSTS_HTTP_RETRY` retries, default 3). Trusts the system roots plus `SSL_CERT_FILE`.
+//! retry handler (`VssHttpRetryOptions`: 502/503/504 and connection failures, `VSTS_HTTP_RETRY` retries clamped
+//! to 3..=10 as the agent's `VssUtil` does, a 10 s minimum backoff; `VSTS_HTTP_TIMEOUT` clamped to
+//! 100..=1200 s). Trusts the system roots plus `SSL_CERT_FILE`.
 
 use std::time::Duration;
 
@@ -69,7 +71,7 @@ impl Client {
                 ctx.var("VSTS_HTTP_TIMEOUT")
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(100u64)
-                    .clamp(1, 1200),
+                    .clamp(100, 1200),
             ));
         if let Some(file) = ctx.var("SSL_CERT_FILE") {
             let bytes = std::fs::read(file)
@@ -93,12 +95,12 @@ impl Client {
             .var("VSTS_HTTP_RETRY")
             .and_then(|v| v.parse().ok())
             .unwrap_or(3u32)
-            .clamp(0, 10);
+            .clamp(3, 10);
         Ok(Self {
             http,
             org: org.trim_end_matches('/').to_string(),
             retries,
-            retry_backoff: ctx.knob_ms(super::ENV_HTTP_RETRY_BACKOFF_MS, 1000),
+            retry_backoff: ctx.knob_ms(super::ENV_HTTP_RETRY_BACKOFF_MS, 10_000),
         })
     }
 

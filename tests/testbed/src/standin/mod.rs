@@ -63,7 +63,8 @@ pub mod return_code {
 
 /// Prefix of the stand-in's own knobs.
 pub const KNOB_PREFIX: &str = "STANDIN_";
-/// Base backoff, in ms, between the HTTP client's retries of transient failures (default 1000).
+/// Base backoff, in ms, between the HTTP client's retries of transient failures (default 10000, the VSS
+/// client's minimum backoff; the n-th retry waits n times this).
 pub const ENV_HTTP_RETRY_BACKOFF_MS: &str = "STANDIN_HTTP_RETRY_BACKOFF_MS";
 /// Delay, in ms, the stand-in's "job" takes to cancel after SIGTERM/SIGINT or a `JobCancellation` message
 /// (the real agent allows the job up to its cancel timeout; default here 200 ms). The job's
