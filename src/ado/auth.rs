@@ -354,6 +354,7 @@ enum Kind {
     },
     Fixed {
         token: AccessToken,
+        name: Option<String>,
     },
 }
 
@@ -430,7 +431,16 @@ impl TokenSource {
 
     /// A fixed token (tests and tools that already hold one).
     pub fn fixed(token: AccessToken) -> Self {
-        Self::from_kind(Kind::Fixed { token })
+        Self::from_kind(Kind::Fixed { token, name: None })
+    }
+
+    /// A fixed token, with what error messages should call its identity (e.g. `the PAT in Secret
+    /// ns/name`).
+    pub fn fixed_named(token: AccessToken, identity: impl Into<String>) -> Self {
+        Self::from_kind(Kind::Fixed {
+            token,
+            name: Some(identity.into()),
+        })
     }
 
     fn from_kind(kind: Kind) -> Self {
@@ -464,7 +474,9 @@ impl TokenSource {
             }
             Kind::PatFile { path } => format!("the PAT in {}", path.display()),
             Kind::AzureCli { .. } => "the Azure CLI login".to_owned(),
-            Kind::Fixed { .. } => "a fixed token".to_owned(),
+            Kind::Fixed { name, .. } => name
+                .clone()
+                .unwrap_or_else(|| "the identity of the given token".to_owned()),
         }
     }
 
@@ -475,7 +487,7 @@ impl TokenSource {
             Kind::PatFile { path } => format!("pat:{}", path.display()),
             Kind::AzureCli { .. } => "azure-cli".to_owned(),
             // Two sources holding the same token are the same identity; the key holds a hash only.
-            Kind::Fixed { token } => {
+            Kind::Fixed { token, .. } => {
                 use std::hash::{Hash, Hasher};
                 let mut h = std::hash::DefaultHasher::new();
                 token.secret.hash(&mut h);
@@ -526,7 +538,7 @@ impl TokenSource {
             }
             Kind::PatFile { path } => read_pat(path).await,
             Kind::AzureCli { credential } => azure_cli_token(credential).await,
-            Kind::Fixed { token } => Ok(token.clone()),
+            Kind::Fixed { token, .. } => Ok(token.clone()),
         };
         let observer = self
             .inner

@@ -648,6 +648,7 @@ impl AdoClient {
             401 if detail.contains("TF401444") => AdoError::NotInOrganization {
                 identity: identity(),
                 organization: organization(),
+                detail,
             },
             401 => AdoError::Unauthorized {
                 identity: identity(),

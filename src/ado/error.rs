@@ -12,15 +12,17 @@ use super::auth::AuthError;
 pub enum AdoError {
     /// 401 with `TF401444`: the identity is valid in Entra but not a user of the organization.
     #[error(
-        "identity {identity} was never added to organization {organization} (TF401444): add it in \
+        "{identity} was never added to organization {organization} (TF401444): add it in \
          Organization settings → Users (a service principal or managed identity needs a Basic or \
-         Stakeholder access level), then retry"
+         Stakeholder access level), then retry; Azure DevOps said: {detail}"
     )]
     NotInOrganization {
-        /// The identity (e.g. the workload identity's client id).
+        /// The identity (e.g. `workload identity <client id>`).
         identity: String,
         /// The organization URL.
         organization: String,
+        /// What the server said (names the identity's tenant and object id).
+        detail: String,
     },
 
     /// 401 otherwise: the token was rejected (expired, wrong audience, wrong tenant, revoked PAT).
@@ -230,12 +232,14 @@ mod tests {
     #[test]
     fn tf401444_message_says_where_to_add_the_identity() {
         let e = AdoError::NotInOrganization {
-            identity: "client 1234".into(),
+            identity: "workload identity 1234".into(),
             organization: "https://dev.azure.com/contoso".into(),
+            detail: "TF401444: Please sign-in at least once".into(),
         };
         let msg = e.to_string();
         assert!(
-            msg.contains("client 1234") && msg.contains("Organization settings → Users"),
+            msg.starts_with("workload identity 1234 was never added")
+                && msg.contains("Organization settings → Users"),
             "{msg}"
         );
         assert_eq!(e.metric_label(), "ado_not_in_organization");
