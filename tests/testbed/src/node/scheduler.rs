@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::{StreamExt, stream};
-use k8s_openapi::api::core::v1::{Binding, Pod};
+use k8s_openapi::api::core::v1::{Binding, Node, Pod, Taint, Toleration};
 use kube::api::{Api, PostParams};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, watcher as watch_pods};
@@ -19,12 +19,52 @@ const BIND_CONCURRENCY: usize = 16;
 /// Wait before retrying after a failed binding (other than a conflict).
 const BIND_RETRY: Duration = Duration::from_secs(1);
 
+/// What the binder knows of its own Node (from a watch on it).
+#[derive(Clone, Debug, Default)]
+pub struct NodeView {
+    pub labels: BTreeMap<String, String>,
+    /// `spec.unschedulable` (cordoned).
+    pub unschedulable: bool,
+    pub taints: Vec<Taint>,
+}
+
+impl NodeView {
+    fn from_node(node: &Node) -> Self {
+        let spec = node.spec.as_ref();
+        Self {
+            labels: node.metadata.labels.clone().unwrap_or_default(),
+            unschedulable: spec.and_then(|s| s.unschedulable).unwrap_or(false),
+            taints: spec.and_then(|s| s.taints.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+/// Whether `toleration` tolerates `taint` (the scheduler's rule).
+pub fn tolerates(toleration: &Toleration, taint: &Taint) -> bool {
+    let effect_ok = toleration
+        .effect
+        .as_deref()
+        .is_none_or(|e| e.is_empty() || e == taint.effect);
+    let key = toleration.key.as_deref().unwrap_or_default();
+    match toleration.operator.as_deref().unwrap_or("Equal") {
+        "Exists" => effect_ok && (key.is_empty() || key == taint.key),
+        _ => {
+            effect_ok
+                && key == taint.key
+                && toleration.value.as_deref().unwrap_or_default()
+                    == taint.value.as_deref().unwrap_or_default()
+        }
+    }
+}
+
 /// Whether the node may bind `pod` (ignoring capacity): unscheduled, not being deleted, not finished,
-/// without scheduling gates, and its `nodeSelector` matched by `node_labels`.
-pub fn bindable(pod: &Pod, node_labels: &BTreeMap<String, String>) -> bool {
+/// without scheduling gates, the node not cordoned, every `NoSchedule`/`NoExecute` taint tolerated, and
+/// the pod's `nodeSelector` matched by the node's labels (affinity is not evaluated).
+pub fn bindable(pod: &Pod, node: &NodeView) -> bool {
     let Some(spec) = &pod.spec else { return false };
     if spec.node_name.as_deref().is_some_and(|n| !n.is_empty())
         || pod.metadata.deletion_timestamp.is_some()
+        || node.unschedulable
     {
         return false;
     }
@@ -41,10 +81,18 @@ pub fn bindable(pod: &Pod, node_labels: &BTreeMap<String, String>) -> bool {
     ) {
         return false;
     }
-    spec.node_selector
+    let tolerations = spec.tolerations.as_deref().unwrap_or_default();
+    let tolerated = node
+        .taints
         .iter()
-        .flatten()
-        .all(|(k, v)| node_labels.get(k) == Some(v))
+        .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+        .all(|taint| tolerations.iter().any(|tol| tolerates(tol, taint)));
+    tolerated
+        && spec
+            .node_selector
+            .iter()
+            .flatten()
+            .all(|(k, v)| node.labels.get(k) == Some(v))
 }
 
 fn node_labels(shared: &Shared) -> BTreeMap<String, String> {
@@ -123,7 +171,15 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             .collect()
     };
     let mut events = stream::select_all(streams);
-    let labels = node_labels(&shared);
+    let node_config =
+        watcher::Config::default().fields(&format!("metadata.name={}", shared.config.node_name));
+    let mut node_events = watch_pods(Api::<Node>::all(shared.client.clone()), node_config)
+        .default_backoff()
+        .boxed();
+    let mut view = NodeView {
+        labels: node_labels(&shared),
+        ..NodeView::default()
+    };
     // Unscheduled pods by uid.
     let mut pending: BTreeMap<String, Pod> = BTreeMap::new();
     let mut retry_at: Option<tokio::time::Instant> = None;
@@ -145,6 +201,12 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 Some(Ok(Event::Init | Event::InitDone)) => {}
                 Some(Err(e)) => tracing::warn!(node = %shared.config.node_name, error = %e, "pod watch (scheduler) failed; retrying"),
             },
+            ev = node_events.next() => match ev {
+                None => return,
+                Some(Ok(Event::Apply(node) | Event::InitApply(node))) => view = NodeView::from_node(&node),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => tracing::warn!(node = %shared.config.node_name, error = %e, "node watch (scheduler) failed; retrying"),
+            },
             () = shared.slot_freed.notified() => {}
             () = async {
                 match retry_at {
@@ -156,7 +218,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         if shared.cordoned.load(Ordering::SeqCst) {
             continue;
         }
-        let mut candidates: Vec<&Pod> = pending.values().filter(|p| bindable(p, &labels)).collect();
+        let mut candidates: Vec<&Pod> = pending.values().filter(|p| bindable(p, &view)).collect();
         candidates.sort_by(|a, b| {
             let key = |p: &Pod| {
                 (
@@ -225,16 +287,31 @@ mod tests {
         }
     }
 
+    fn view() -> NodeView {
+        NodeView {
+            labels: BTreeMap::from([("kubernetes.io/os".to_owned(), "linux".to_owned())]),
+            ..NodeView::default()
+        }
+    }
+
+    fn taint(key: &str, effect: &str) -> Taint {
+        Taint {
+            key: key.into(),
+            effect: effect.into(),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn binds_only_unscheduled_ungated_matching_pods() {
-        let labels = BTreeMap::from([("kubernetes.io/os".to_owned(), "linux".to_owned())]);
-        assert!(bindable(&pod(PodSpec::default()), &labels));
+        let node = view();
+        assert!(bindable(&pod(PodSpec::default()), &node));
         assert!(!bindable(
             &pod(PodSpec {
                 node_name: Some("other".into()),
                 ..Default::default()
             }),
-            &labels
+            &node
         ));
         assert!(!bindable(
             &pod(PodSpec {
@@ -243,14 +320,14 @@ mod tests {
                 }]),
                 ..Default::default()
             }),
-            &labels
+            &node
         ));
         assert!(bindable(
             &pod(PodSpec {
-                node_selector: Some(labels.clone()),
+                node_selector: Some(node.labels.clone()),
                 ..Default::default()
             }),
-            &labels
+            &node
         ));
         assert!(!bindable(
             &pod(PodSpec {
@@ -260,7 +337,57 @@ mod tests {
                 )])),
                 ..Default::default()
             }),
-            &labels
+            &node
         ));
+        let cordoned = NodeView {
+            unschedulable: true,
+            ..view()
+        };
+        assert!(!bindable(&pod(PodSpec::default()), &cordoned));
+    }
+
+    #[test]
+    fn taints_must_be_tolerated() {
+        let unreachable = NodeView {
+            taints: vec![
+                taint("node.kubernetes.io/unreachable", "NoSchedule"),
+                taint("soft", "PreferNoSchedule"),
+            ],
+            ..view()
+        };
+        assert!(!bindable(&pod(PodSpec::default()), &unreachable));
+        let tolerant = PodSpec {
+            tolerations: Some(vec![Toleration {
+                key: Some("node.kubernetes.io/unreachable".into()),
+                operator: Some("Exists".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        assert!(bindable(&pod(tolerant), &unreachable));
+        let everything = PodSpec {
+            tolerations: Some(vec![Toleration {
+                operator: Some("Exists".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        assert!(bindable(&pod(everything), &unreachable));
+        let wrong_value = Toleration {
+            key: Some("dedicated".into()),
+            value: Some("a".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        };
+        let dedicated_b = Taint {
+            value: Some("b".into()),
+            ..taint("dedicated", "NoSchedule")
+        };
+        assert!(!tolerates(&wrong_value, &dedicated_b));
+        let right_value = Toleration {
+            value: Some("b".into()),
+            ..wrong_value
+        };
+        assert!(tolerates(&right_value, &dedicated_b));
     }
 }
