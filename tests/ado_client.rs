@@ -325,6 +325,7 @@ async fn identity_not_in_the_organization_is_tf401444_with_the_fix() {
     let msg = err.to_string();
     assert!(msg.contains("Organization settings → Users"), "{msg}");
     assert!(msg.contains(&bed.org), "{msg}");
+    assert!(msg.contains(&bed.object_id), "ADO's own words name the object id: {msg}");
     assert!(!err.is_transient());
 }
 
