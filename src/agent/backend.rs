@@ -5,16 +5,31 @@ use crate::ado::{AdoClient, AdoError, AgentQuery, AuthError, DeleteOutcome, Toke
 use super::ops::{AdoOps, AgentRef, OpsError, OpsKind, Removal, Secret};
 
 /// Tokens and REST calls for the entrypoint.
-#[derive(Debug, Clone)]
+///
+/// The REST client is built on first use: the happy path never needs it, and building it (loading the
+/// system's CA certificates) would only delay the start of `config.sh`.
+#[derive(Debug)]
 pub struct AdoBackend {
+    url: String,
     tokens: TokenSource,
-    client: AdoClient,
+    client: tokio::sync::OnceCell<AdoClient>,
 }
 
 impl AdoBackend {
-    /// A backend using `tokens` for `config.sh` and `client` for the REST fallbacks.
-    pub fn new(tokens: TokenSource, client: AdoClient) -> AdoBackend {
-        AdoBackend { tokens, client }
+    /// A backend for the organization at `url`, using `tokens` for `config.sh` and the REST fallbacks.
+    pub fn new(url: impl Into<String>, tokens: TokenSource) -> AdoBackend {
+        AdoBackend {
+            url: url.into(),
+            tokens,
+            client: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    async fn client(&self) -> Result<&AdoClient, OpsError> {
+        self.client
+            .get_or_try_init(|| async { AdoClient::new(&self.url, self.tokens.clone()) })
+            .await
+            .map_err(|e| from_ado(&e))
     }
 }
 
@@ -66,11 +81,8 @@ impl AdoOps for AdoBackend {
     }
 
     async fn delete_agent(&self, agent: AgentRef) -> Result<Removal, OpsError> {
-        match self
-            .client
-            .delete_agent(agent.pool_id, agent.agent_id)
-            .await
-        {
+        let client = self.client().await?;
+        match client.delete_agent(agent.pool_id, agent.agent_id).await {
             Ok(DeleteOutcome::Deleted) => Ok(Removal::Removed),
             Ok(DeleteOutcome::AlreadyGone) => Ok(Removal::AlreadyGone),
             Err(e) => Err(from_ado(&e)),
@@ -78,16 +90,11 @@ impl AdoOps for AdoBackend {
     }
 
     async fn find_agent(&self, pool: &str, agent_name: &str) -> Result<Option<AgentRef>, OpsError> {
-        let Some(p) = self
-            .client
-            .pool_by_name(pool)
-            .await
-            .map_err(|e| from_ado(&e))?
-        else {
+        let client = self.client().await?;
+        let Some(p) = client.pool_by_name(pool).await.map_err(|e| from_ado(&e))? else {
             return Ok(None);
         };
-        let agents = self
-            .client
+        let agents = client
             .agents(p.id, &AgentQuery::named(agent_name))
             .await
             .map_err(|e| from_ado(&e))?;
@@ -101,7 +108,11 @@ impl AdoOps for AdoBackend {
     }
 
     async fn diagnose_registration(&self, pool: &str) -> Option<OpsError> {
-        match self.client.pool_by_name(pool).await {
+        let client = match self.client().await {
+            Ok(c) => c,
+            Err(e) => return Some(e),
+        };
+        match client.pool_by_name(pool).await {
             Ok(Some(_)) => None,
             Ok(None) => Some(OpsError {
                 kind: OpsKind::NotFound,
@@ -109,7 +120,7 @@ impl AdoOps for AdoBackend {
                 label: "agent_pool_missing",
                 message: format!(
                     "the organization {} has no agent pool named `{pool}`: create it (Organization settings → Agent pools) or fix AZP_POOL",
-                    self.client.organization()
+                    client.organization()
                 ),
             }),
             Err(e) => Some(from_ado(&e)),

@@ -62,7 +62,7 @@ pub use run::{Backoff, Runner};
 pub use settings::{AuthMode, Settings, SettingsError};
 pub use signals::Termination;
 
-use crate::ado::{AdoClient, TokenSource};
+use crate::ado::TokenSource;
 
 /// Settings of `azp-autoscaler agent` (from flags or the environment the controller sets).
 ///
@@ -199,17 +199,7 @@ async fn run(args: AgentArgs, term: Termination) -> Exit {
         },
         AuthMode::PatFile(path) => TokenSource::pat_file(path.clone()),
     };
-    let client = match AdoClient::new(settings.url.as_str(), tokens.clone()) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(
-                label = e.metric_label(),
-                "cannot set up the Azure DevOps client: {e}"
-            );
-            return Exit::Config;
-        }
-    };
-    let backend = backend::AdoBackend::new(tokens, client);
+    let backend = backend::AdoBackend::new(settings.url.as_str(), tokens);
     tracing::info!(
         url = %settings.url,
         pool = %settings.pool,
