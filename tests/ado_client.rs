@@ -3,6 +3,7 @@
 //! mapping (TF401444, 403, 5xx, malformed JSON) and the token sources (workload identity, PAT).
 
 use std::collections::BTreeMap;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -317,6 +318,89 @@ async fn low_rate_limit_remaining_asks_the_poll_loop_to_slow_down() {
 }
 
 #[tokio::test]
+async fn retry_after_is_per_identity_not_global() {
+    let bed = Bed::start().await;
+    let held = bed.client();
+    let pool_id = bed.pool_id() as i32;
+    let other_client = uuid::Uuid::new_v4().to_string();
+    let other_object = uuid::Uuid::new_v4().to_string();
+    bed.sim
+        .add_identity(IdentitySpec::new(&other_client).object_id(&other_object));
+    bed.sim.add_member(&bed.org, &other_object).unwrap();
+    let other_token =
+        bed.sim
+            .mint_access_token(&other_client, &other_object, Duration::from_secs(3600));
+    let other = AdoClient::new(
+        &bed.sim.org_url(&bed.org),
+        support::fixed_token(&other_token),
+    )
+    .unwrap();
+
+    bed.sim.inject_fault(Fault::once(
+        EndpointClass::JobRequests,
+        FaultKind::RateLimited {
+            retry_after_secs: 60,
+        },
+    ));
+    held.job_requests(pool_id).await.unwrap_err();
+    other.job_requests(pool_id).await.unwrap();
+    assert!(
+        held.retry_after_remaining() > Duration::from_secs(50),
+        "the other identity's call completed while this one is still held"
+    );
+    assert_eq!(other.retry_after_remaining(), Duration::ZERO);
+}
+
+#[tokio::test]
+async fn our_own_budget_spaces_out_a_burst() {
+    let bed = Bed::start().await;
+    let observer = Arc::new(RecordingObserver::default());
+    let client = bed.client_with(AdoClientConfig {
+        requests_per_second: NonZeroU32::new(5).unwrap(),
+        burst: NonZeroU32::new(5).unwrap(),
+        observer: observer.clone(),
+        ..AdoClientConfig::default()
+    });
+    let pool_id = bed.pool_id() as i32;
+    let started = Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let c = client.clone();
+        calls.spawn(async move { c.agents(pool_id, &AgentQuery::all()).await });
+    }
+    while let Some(r) = calls.join_next().await {
+        r.unwrap().unwrap();
+    }
+    // 5 go at once, the other 5 wait for budget at 5/s: at least ~1 s in all (a lower bound).
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    let budget_waits = observer
+        .delays()
+        .iter()
+        .filter(|(reason, _)| *reason == "budget")
+        .count();
+    assert!(budget_waits >= 4, "{:?}", observer.delays());
+    assert_eq!(bed.sim.call_count("agents.list"), 10);
+}
+
+#[tokio::test]
+async fn concurrent_callers_share_one_token_exchange() {
+    let wi = WorkloadIdentityBed::start().await;
+    wi.write_token("ci", "agents", "");
+    let tokens = wi.tokens();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let t = tokens.clone();
+        set.spawn(async move { t.token().await.map(|t| t.expose_secret().to_owned()) });
+    }
+    let mut secrets = std::collections::BTreeSet::new();
+    while let Some(r) = set.join_next().await {
+        secrets.insert(r.unwrap().unwrap());
+    }
+    assert_eq!(secrets.len(), 1);
+    assert_eq!(wi.bed.sim.call_count("entra.token"), 1);
+}
+
+#[tokio::test]
 async fn identity_not_in_the_organization_is_tf401444_with_the_fix() {
     let bed = Bed::start().await;
     bed.sim.remove_member(&bed.org, &bed.object_id).unwrap();
@@ -325,7 +409,10 @@ async fn identity_not_in_the_organization_is_tf401444_with_the_fix() {
     let msg = err.to_string();
     assert!(msg.contains("Organization settings → Users"), "{msg}");
     assert!(msg.contains(&bed.org), "{msg}");
-    assert!(msg.contains(&bed.object_id), "ADO's own words name the object id: {msg}");
+    assert!(
+        msg.contains(&bed.object_id),
+        "ADO's own words name the object id: {msg}"
+    );
     assert!(!err.is_transient());
 }
 
