@@ -12,10 +12,11 @@ pub struct NodeArgs {
     /// Node name.
     #[arg(long, default_value = "testbed-node")]
     pub name: String,
-    /// Namespace whose pods the node binds (repeatable); none = every namespace.
+    /// Namespace whose pods the node binds (repeatable); none = every namespace (never while tests run:
+    /// it would take their pods).
     #[arg(long = "namespace")]
     pub namespaces: Vec<String>,
-    /// Folder for per-pod folders (default: <repo>/.cache/node/<name>).
+    /// Folder for per-pod folders (default: REPO/.cache/node/NAME).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
     /// Folder searched first for executables (repeatable; default: this executable's folder).

@@ -6,8 +6,9 @@
 //! 1. registers a Node (Ready, capacity from [`NodeCapacity`]) and keeps its Lease in `kube-node-lease` and
 //!    its Ready heartbeat fresh, so the node-lifecycle controller never evicts its pods; deletes it on
 //!    [`NodeHarness::shutdown`];
-//! 2. binds unscheduled, ungated pods of its namespaces to itself (`pods/binding`), honouring its pod
-//!    capacity, cordon and `nodeSelector` (affinity, taints and tolerations are ignored);
+//! 2. binds unscheduled, ungated pods of its namespaces to itself (`pods/binding`), oldest first,
+//!    honouring its pod capacity, cordon, `NoSchedule`/`NoExecute` taints against the pod's tolerations,
+//!    and `nodeSelector` (affinity, topology spread and resource requests are not evaluated);
 //! 3. runs each bound pod's main container (the `kubectl.kubernetes.io/default-container` or the first;
 //!    init and other containers are not run) as a local process with the pod's env, a per-pod folder and
 //!    volumes mapped to folders ([`volumes`] documents the layout and the path mapping), and writes pod
@@ -23,6 +24,14 @@
 //!
 //! Tests get the admin client with [`client`] (from `KUBECONFIG`, default `<repo>/.cache/cluster/kubeconfig`)
 //! and a throw-away namespace from [`testing::TestNamespace`].
+//!
+//! Every process starts with exactly: `PATH` (the configured prefix, then the harness's own `PATH`),
+//! `HOME` (the pod's `home/`), `HOSTNAME` (the pod name), [`POD_ROOT_ENV`], [`POD_DIR_ENV`], the image's
+//! `env` ([`ImageConfig`]), [`NodeConfig::extra_env`], then the pod's `envFrom` and `env`, then the
+//! workload-identity variables. Not emulated: init containers, sidecars and other containers (reported
+//! as waiting), probes, resource limits, `activeDeadlineSeconds` of the pod (the Job's is the Job
+//! controller's and works), service-link env vars and in-cluster API access (the service-account token is
+//! written, but `KUBERNETES_SERVICE_HOST` is not set and absolute paths cannot be used), Events.
 
 pub mod cli;
 pub mod config;
