@@ -2,6 +2,7 @@
 
 pub mod bed;
 pub mod ca;
+pub mod chart;
 pub mod demo;
 pub mod node;
 pub mod sim;
