@@ -98,6 +98,24 @@ pub struct AgentArgs {
     #[arg(long, env = "AZP_PAT_FILE", hide_env_values = true)]
     pub pat_file: Option<String>,
 
+    /// JSON object of capability name → value, exported into the agent's environment (the controller sets
+    /// it from the AgentPool, so the agent advertises what routing assumed).
+    #[arg(
+        long,
+        env = "AZP_CAPABILITIES",
+        hide_env_values = true,
+        value_name = "JSON"
+    )]
+    pub capabilities: Option<String>,
+
+    /// Exit-code, timing and logging options.
+    #[command(flatten)]
+    pub tuning: Box<AgentTuning>,
+}
+
+/// The less common settings of `azp-autoscaler agent` (boxed: they keep the CLI's enum small).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AgentTuning {
     /// Exit with the pipeline job's result (20 failed, 21 canceled, 22 other) instead of 0.
     #[arg(
         long,
@@ -127,15 +145,15 @@ pub struct AgentArgs {
     )]
     pub listener_grace: Option<String>,
 
-    /// JSON object of capability name → value, exported into the agent's environment (the controller sets
-    /// it from the AgentPool, so the agent advertises what routing assumed).
+    /// Log format of the entrypoint's own lines: `text` (default; they interleave with the agent's console
+    /// output) or `json`.
     #[arg(
         long,
-        env = "AZP_CAPABILITIES",
+        env = "AZP_LOG_FORMAT",
         hide_env_values = true,
-        value_name = "JSON"
+        value_name = "FORMAT"
     )]
-    pub capabilities: Option<String>,
+    pub log_format: Option<String>,
 
     /// Seconds deregistration may take, retries included [default: 30].
     #[arg(
@@ -147,19 +165,12 @@ pub struct AgentArgs {
     pub deregister_timeout: Option<String>,
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AZP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
-}
-
 /// Runs the entrypoint to completion and returns the process exit code (see [`Exit`]).
 pub async fn entrypoint(args: AgentArgs) -> ExitCode {
-    init_logging();
+    // A malformed value is reported with the other settings; logging starts as text meanwhile.
+    crate::telemetry::init(
+        settings::log_format(&args).unwrap_or(crate::telemetry::LogFormat::Text),
+    );
     // First, so that a SIGTERM arriving during start-up is not lost.
     let term = match Termination::install() {
         Ok(t) => t,

@@ -474,8 +474,11 @@ impl<'a, A: AdoOps> Runner<'a, A> {
                     }
                 },
             };
-            if !rest_first && s.agent_file().is_file() {
-                match self.config_remove(&token).await {
+            let config_possible = s.agent_file().is_file();
+            let mut config_tried = false;
+            if !rest_first && config_possible {
+                config_tried = true;
+                match self.config_remove(&token, deadline).await {
                     Ok(()) => {
                         tracing::info!(
                             agent_id = target.agent_id,
@@ -489,7 +492,6 @@ impl<'a, A: AdoOps> Runner<'a, A> {
                     ),
                 }
             }
-            drop(token);
             match self.ops.delete_agent(target).await {
                 Ok(r) => {
                     tracing::info!(agent_id = target.agent_id, pool_id = target.pool_id, removal = ?r, "agent removed from the pool (REST delete)");
@@ -501,6 +503,18 @@ impl<'a, A: AdoOps> Runner<'a, A> {
                         target.agent_id, target.pool_id
                     );
                     tracing::warn!(attempt, label = e.label, "deregistration: {last_error}");
+                    if config_possible && !config_tried {
+                        match self.config_remove(&token, deadline).await {
+                            Ok(()) => {
+                                tracing::info!(
+                                    agent_id = target.agent_id,
+                                    "agent removed from the pool (config.sh remove)"
+                                );
+                                return Ok(Removal::Removed);
+                            }
+                            Err(e) => tracing::warn!(attempt, "config.sh remove failed too ({e})"),
+                        }
+                    }
                     if !e.transient && e.kind != OpsKind::Other {
                         break;
                     }
@@ -515,7 +529,7 @@ impl<'a, A: AdoOps> Runner<'a, A> {
         Err(())
     }
 
-    async fn config_remove(&mut self, token: &Secret) -> Result<(), String> {
+    async fn config_remove(&mut self, token: &Secret, deadline: Instant) -> Result<(), String> {
         let s = self.settings;
         let env = self.config_env(token);
         let mut child = Running::spawn(Spec {
@@ -529,8 +543,7 @@ impl<'a, A: AdoOps> Runner<'a, A> {
         })
         .map_err(|e| format!("cannot start config.sh: {e}"))?;
         drop(env);
-        let left = Instant::now() + s.deregister_timeout;
-        let status = tokio::time::timeout_at(left, child.wait()).await;
+        let status = tokio::time::timeout_at(deadline, child.wait()).await;
         let status = child.finish().await.or(status.ok().and_then(Result::ok));
         match status {
             Some(st) if st.success() => Ok(()),

@@ -449,3 +449,21 @@ async fn wait_for(mut cond: impl FnMut() -> bool) {
     }
     panic!("condition not reached within 10 s");
 }
+
+#[tokio::test]
+async fn a_refused_rest_delete_falls_back_to_config_sh_remove() {
+    let dir = Dir::new();
+    dir.write("listener.code", "2");
+    let ado = FakeAdo::default();
+    ado.deletes.lock().unwrap().push_back(Err(OpsError {
+        kind: OpsKind::Permission,
+        transient: false,
+        label: "ado_forbidden",
+        message: "403".into(),
+    }));
+    let outcome = run_with(dir.settings(), &ado, Termination::never()).await;
+    // The agent was still there (config.sh removed it): the listener really failed.
+    assert_eq!(outcome.exit(), Exit::Agent, "{outcome:?}");
+    assert!(!outcome.deregistration_failed);
+    assert!(dir.read("calls.log").contains("remove"));
+}

@@ -8,6 +8,8 @@ use std::time::Duration;
 use reqwest::Url;
 
 use super::AgentArgs;
+#[cfg(test)]
+use super::AgentTuning;
 
 /// How the entrypoint authenticates to Azure DevOps.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,6 +171,18 @@ fn parse_capabilities(
     map
 }
 
+/// The log format asked for (`AZP_LOG_FORMAT` / `--log-format`), `None` when malformed.
+pub fn log_format(args: &AgentArgs) -> Option<crate::telemetry::LogFormat> {
+    match present(&args.tuning.log_format)
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("text") => Some(crate::telemetry::LogFormat::Text),
+        Some("json") => Some(crate::telemetry::LogFormat::Json),
+        Some(_) => None,
+    }
+}
+
 impl Settings {
     /// Validates `args` (flags already merged with the environment by clap); `cwd` is the default agent
     /// folder. Reports every problem at once.
@@ -293,27 +307,27 @@ impl Settings {
         };
 
         let exit_with_job_result = parse_bool(
-            &args.exit_with_job_result,
+            &args.tuning.exit_with_job_result,
             "--exit-with-job-result",
             "AZP_EXIT_WITH_JOB_RESULT",
             &mut problems,
         );
         let register_timeout = parse_seconds(
-            &args.register_timeout,
+            &args.tuning.register_timeout,
             "--register-timeout",
             "AZP_REGISTER_TIMEOUT_SECONDS",
             DEFAULT_REGISTER_TIMEOUT,
             &mut problems,
         );
         let listener_grace = parse_seconds(
-            &args.listener_grace,
+            &args.tuning.listener_grace,
             "--listener-grace",
             "AZP_LISTENER_GRACE_SECONDS",
             DEFAULT_LISTENER_GRACE,
             &mut problems,
         );
         let deregister_timeout = parse_seconds(
-            &args.deregister_timeout,
+            &args.tuning.deregister_timeout,
             "--deregister-timeout",
             "AZP_DEREGISTER_TIMEOUT_SECONDS",
             DEFAULT_DEREGISTER_TIMEOUT,
@@ -321,6 +335,12 @@ impl Settings {
         );
 
         let capabilities = parse_capabilities(&args.capabilities, &mut problems);
+        if log_format(args).is_none() {
+            problems.push(format!(
+                "AZP_LOG_FORMAT (or --log-format) is `{}`: use `text` (default) or `json`",
+                present(&args.tuning.log_format).unwrap_or_default()
+            ));
+        }
 
         match (url, pool, agent_name, auth) {
             (Some(url), Some(pool), Some(agent_name), Some(auth)) if problems.is_empty() => {
@@ -398,8 +418,11 @@ mod tests {
             url: Some("ftp://x".into()),
             agent_name: Some("bad/name".into()),
             auth: Some("pat".into()),
-            listener_grace: Some("soon".into()),
-            exit_with_job_result: Some("maybe".into()),
+            tuning: Box::new(AgentTuning {
+                listener_grace: Some("soon".into()),
+                exit_with_job_result: Some("maybe".into()),
+                ..AgentTuning::default()
+            }),
             ..AgentArgs::default()
         };
         let err = Settings::resolve(&a, dir.path()).unwrap_err();
