@@ -441,7 +441,11 @@ async fn missing_pool_permission_is_403_naming_the_role() {
 #[tokio::test]
 async fn server_errors_and_malformed_answers_are_transient() {
     let bed = Bed::start().await;
-    let client = bed.client();
+    let observer = Arc::new(RecordingObserver::default());
+    let client = bed.client_with(AdoClientConfig {
+        observer: observer.clone(),
+        ..AdoClientConfig::default()
+    });
     let pool_id = bed.pool_id() as i32;
     bed.sim.inject_fault(Fault::once(
         EndpointClass::JobRequests,
@@ -465,8 +469,21 @@ async fn server_errors_and_malformed_answers_are_transient() {
         AdoError::MalformedJson { excerpt, .. } => assert!(!excerpt.is_empty()),
         other => panic!("{other:?}"),
     }
+    // The observer counts a 200 that does not parse as a failed call.
+    assert_eq!(
+        observer.calls().last().copied(),
+        Some(("jobrequests", Some(200), "ado_malformed_json"))
+    );
     // The faults were one-shot: the client recovers by itself.
     client.job_requests(pool_id).await.unwrap();
+    assert_eq!(
+        observer.calls(),
+        [
+            ("jobrequests", Some(503), "ado_server_error"),
+            ("jobrequests", Some(200), "ado_malformed_json"),
+            ("jobrequests", Some(200), "ok"),
+        ]
+    );
 }
 
 #[tokio::test]

@@ -232,18 +232,9 @@ impl AdoClient {
 
     /// The pool named `name` (case-insensitive), or `None` when the organization has none.
     pub async fn pool_by_name(&self, name: &str) -> Result<Option<TaskAgentPool>, AdoError> {
-        let url = self.url(&["distributedtask", "pools"])?;
-        let answer = self
-            .execute(
-                "pools",
-                Method::GET,
-                url,
-                API_VERSION,
-                &[("poolName", name.to_owned())],
-                None::<&()>,
-            )
-            .await?;
-        let list: ListResponse<TaskAgentPool> = self.decode("pools", &answer)?;
+        let call =
+            Call::get("pools", self.url(&["distributedtask", "pools"])?).param("poolName", name);
+        let list: ListResponse<TaskAgentPool> = self.execute(call, None::<&()>, decode).await?;
         Ok(list
             .value
             .into_iter()
@@ -258,19 +249,12 @@ impl AdoClient {
             &pool_id.to_string(),
             "jobrequests",
         ])?;
-        let answer = self
-            .execute(
-                "jobrequests",
-                Method::GET,
-                url,
-                JOBREQUESTS_API_VERSION,
-                &[("completedRequestCount", "0".to_owned())],
-                None::<&()>,
-            )
-            .await?;
-        Ok(self
-            .decode::<ListResponse<TaskAgentJobRequest>>("jobrequests", &answer)?
-            .value)
+        let call = Call::get("jobrequests", url)
+            .api_version(JOBREQUESTS_API_VERSION)
+            .param("completedRequestCount", "0");
+        let list: ListResponse<TaskAgentJobRequest> =
+            self.execute(call, None::<&()>, decode).await?;
+        Ok(list.value)
     }
 
     /// Agents of the pool.
@@ -280,52 +264,30 @@ impl AdoClient {
         query: &AgentQuery,
     ) -> Result<Vec<TaskAgent>, AdoError> {
         let url = self.url(&["distributedtask", "pools", &pool_id.to_string(), "agents"])?;
-        let mut params = Vec::new();
+        let mut call = Call::get("agents", url);
         if let Some(name) = &query.name {
-            params.push(("agentName", name.clone()));
+            call = call.param("agentName", name);
         }
         if query.include_capabilities {
-            params.push(("includeCapabilities", "true".to_owned()));
+            call = call.param("includeCapabilities", "true");
         }
         if query.include_assigned_request {
-            params.push(("includeAssignedRequest", "true".to_owned()));
+            call = call.param("includeAssignedRequest", "true");
         }
         if query.include_last_completed_request {
-            params.push(("includeLastCompletedRequest", "true".to_owned()));
+            call = call.param("includeLastCompletedRequest", "true");
         }
-        let answer = self
-            .execute(
-                "agents",
-                Method::GET,
-                url,
-                API_VERSION,
-                &params,
-                None::<&()>,
-            )
-            .await?;
-        Ok(self
-            .decode::<ListResponse<TaskAgent>>("agents", &answer)?
-            .value)
+        let list: ListResponse<TaskAgent> = self.execute(call, None::<&()>, decode).await?;
+        Ok(list.value)
     }
 
     /// One agent with its capabilities and the request it holds; `None` when it does not exist.
     pub async fn agent(&self, pool_id: i32, agent_id: i32) -> Result<Option<TaskAgent>, AdoError> {
-        let url = self.url(&[
-            "distributedtask",
-            "pools",
-            &pool_id.to_string(),
-            "agents",
-            &agent_id.to_string(),
-        ])?;
-        let params = [
-            ("includeCapabilities", "true".to_owned()),
-            ("includeAssignedRequest", "true".to_owned()),
-        ];
-        match self
-            .execute("agent", Method::GET, url, API_VERSION, &params, None::<&()>)
-            .await
-        {
-            Ok(answer) => Ok(Some(self.decode("agent", &answer)?)),
+        let call = Call::get("agent", self.agent_url(pool_id, agent_id)?)
+            .param("includeCapabilities", "true")
+            .param("includeAssignedRequest", "true");
+        match self.execute(call, None::<&()>, decode).await {
+            Ok(agent) => Ok(Some(agent)),
             Err(AdoError::NotFound { .. }) => Ok(None),
             Err(e) => Err(e),
         }
@@ -334,17 +296,8 @@ impl AdoClient {
     /// Registers a new agent (`POST`); the answer has its `id` and `authorization`.
     pub async fn add_agent(&self, pool_id: i32, agent: &TaskAgent) -> Result<TaskAgent, AdoError> {
         let url = self.url(&["distributedtask", "pools", &pool_id.to_string(), "agents"])?;
-        let answer = self
-            .execute(
-                "add_agent",
-                Method::POST,
-                url,
-                API_VERSION,
-                &[],
-                Some(agent),
-            )
-            .await?;
-        self.decode("add_agent", &answer)
+        let call = Call::new("add_agent", Method::POST, url);
+        self.execute(call, Some(agent), decode).await
     }
 
     /// Replaces an existing agent (`PUT`): new key, capabilities, version (what `--replace` does).
@@ -354,26 +307,14 @@ impl AdoClient {
         agent_id: i32,
         agent: &TaskAgent,
     ) -> Result<TaskAgent, AdoError> {
-        let url = self.url(&[
-            "distributedtask",
-            "pools",
-            &pool_id.to_string(),
-            "agents",
-            &agent_id.to_string(),
-        ])?;
         let mut body = agent.clone();
         body.id = agent_id;
-        let answer = self
-            .execute(
-                "replace_agent",
-                Method::PUT,
-                url,
-                API_VERSION,
-                &[],
-                Some(&body),
-            )
-            .await?;
-        self.decode("replace_agent", &answer)
+        let call = Call::new(
+            "replace_agent",
+            Method::PUT,
+            self.agent_url(pool_id, agent_id)?,
+        );
+        self.execute(call, Some(&body), decode).await
     }
 
     /// Updates some fields of an agent (`PATCH`), e.g. disables it before removal.
@@ -389,28 +330,16 @@ impl AdoClient {
             #[serde(flatten)]
             update: &'a AgentUpdate,
         }
-        let url = self.url(&[
-            "distributedtask",
-            "pools",
-            &pool_id.to_string(),
-            "agents",
-            &agent_id.to_string(),
-        ])?;
         let body = Body {
             id: agent_id,
             update,
         };
-        let answer = self
-            .execute(
-                "update_agent",
-                Method::PATCH,
-                url,
-                API_VERSION,
-                &[],
-                Some(&body),
-            )
-            .await?;
-        self.decode("update_agent", &answer)
+        let call = Call::new(
+            "update_agent",
+            Method::PATCH,
+            self.agent_url(pool_id, agent_id)?,
+        );
+        self.execute(call, Some(&body), decode).await
     }
 
     /// Deletes an agent. A 404 is success: [`DeleteOutcome::AlreadyGone`].
@@ -419,25 +348,13 @@ impl AdoClient {
         pool_id: i32,
         agent_id: i32,
     ) -> Result<DeleteOutcome, AdoError> {
-        let url = self.url(&[
-            "distributedtask",
-            "pools",
-            &pool_id.to_string(),
-            "agents",
-            &agent_id.to_string(),
-        ])?;
-        match self
-            .execute(
-                "delete_agent",
-                Method::DELETE,
-                url,
-                API_VERSION,
-                &[],
-                None::<&()>,
-            )
-            .await
-        {
-            Ok(_) => Ok(DeleteOutcome::Deleted),
+        let call = Call::new(
+            "delete_agent",
+            Method::DELETE,
+            self.agent_url(pool_id, agent_id)?,
+        );
+        match self.execute(call, None::<&()>, ignore_body).await {
+            Ok(()) => Ok(DeleteOutcome::Deleted),
             Err(AdoError::NotFound { .. }) => Ok(DeleteOutcome::AlreadyGone),
             Err(e) => Err(e),
         }
@@ -447,22 +364,12 @@ impl AdoClient {
     /// requests (at most 50, an ADO limit).
     pub async fn resource_usage(&self) -> Result<ResourceUsage, AdoError> {
         let url = self.url(&["distributedtask", "resourceusage"])?;
-        let params = [
-            ("parallelismTag", "Private".to_owned()),
-            ("poolIsHosted", "false".to_owned()),
-            ("includeRunningRequests", "true".to_owned()),
-        ];
-        let answer = self
-            .execute(
-                "resourceusage",
-                Method::GET,
-                url,
-                RESOURCE_USAGE_API_VERSION,
-                &params,
-                None::<&()>,
-            )
-            .await?;
-        self.decode("resourceusage", &answer)
+        let call = Call::get("resourceusage", url)
+            .api_version(RESOURCE_USAGE_API_VERSION)
+            .param("parallelismTag", "Private")
+            .param("poolIsHosted", "false")
+            .param("includeRunningRequests", "true");
+        self.execute(call, None::<&()>, decode).await
     }
 
     /// `{organization}/_apis/<segments…>`, each segment escaped.
@@ -478,35 +385,31 @@ impl AdoClient {
         Ok(url)
     }
 
-    fn decode<T: DeserializeOwned>(
-        &self,
-        endpoint: &'static str,
-        answer: &Answer,
-    ) -> Result<T, AdoError> {
-        serde_json::from_slice(&answer.body).map_err(|e| AdoError::MalformedJson {
-            endpoint,
-            error: format!("{e} (HTTP {})", answer.status.as_u16()),
-            excerpt: excerpt(&String::from_utf8_lossy(&answer.body), 200),
-        })
+    fn agent_url(&self, pool_id: i32, agent_id: i32) -> Result<Url, AdoError> {
+        self.url(&[
+            "distributedtask",
+            "pools",
+            &pool_id.to_string(),
+            "agents",
+            &agent_id.to_string(),
+        ])
     }
 
     /// One call: waits for the limiter, authenticates (once more with a new token after a plain
-    /// 401), sends, records rate-limit headers, maps the status.
-    async fn execute<B: Serialize + ?Sized>(
+    /// 401), sends, records rate-limit headers, maps the status, parses the body with `parse`.
+    async fn execute<B: Serialize + ?Sized, T>(
         &self,
-        endpoint: &'static str,
-        method: Method,
-        mut url: Url,
-        api_version: &str,
-        params: &[(&str, String)],
+        call: Call,
         body: Option<&B>,
-    ) -> Result<Answer, AdoError> {
+        parse: Parse<T>,
+    ) -> Result<T, AdoError> {
+        let mut url = call.url;
         {
             let mut query = url.query_pairs_mut();
-            for (k, v) in params {
+            for (k, v) in &call.params {
                 query.append_pair(k, v);
             }
-            query.append_pair("api-version", api_version);
+            query.append_pair("api-version", call.api_version);
         }
         let body = body
             .map(serde_json::to_vec)
@@ -515,31 +418,39 @@ impl AdoClient {
                 field: "request body",
                 reason: e.to_string(),
             })?;
-        let mut retried_401 = false;
+        let mut fresh = false;
         loop {
-            match self
-                .attempt(endpoint, &method, &url, body.as_deref(), retried_401)
-                .await
-            {
-                Err(AdoError::Unauthorized { .. }) if !retried_401 => {
-                    // The cached token may have been revoked or expired early: one more try with a
-                    // newly exchanged token before reporting.
+            let result = self
+                .attempt(
+                    call.endpoint,
+                    &call.method,
+                    &url,
+                    body.as_deref(),
+                    fresh,
+                    parse,
+                )
+                .await;
+            match result {
+                // The cached token may have been revoked or expired early: one more try with a
+                // newly exchanged token before reporting.
+                Err(AdoError::Unauthorized { .. }) if !fresh => {
                     self.inner.tokens.invalidate().await;
-                    retried_401 = true;
+                    fresh = true;
                 }
                 other => return other,
             }
         }
     }
 
-    async fn attempt(
+    async fn attempt<T>(
         &self,
         endpoint: &'static str,
         method: &Method,
         url: &Url,
         body: Option<&[u8]>,
         fresh: bool,
-    ) -> Result<Answer, AdoError> {
+        parse: Parse<T>,
+    ) -> Result<T, AdoError> {
         let inner = &*self.inner;
         let observer = &*inner.config.observer;
         inner
@@ -562,11 +473,14 @@ impl AdoClient {
                 .body(body.to_vec());
         }
         let started = Instant::now();
-        let result = self.send(endpoint, request).await;
+        let (status, answer) = self.send(endpoint, request).await;
+        // A 2xx whose body does not parse counts as a failed call, not as "ok".
+        let result = answer.and_then(|a| parse(endpoint, &a));
         let latency = started.elapsed();
-        let (status, outcome) = match &result {
-            Ok(a) => (Some(a.status.as_u16()), "ok"),
-            Err(e) => (e.status(), e.metric_label()),
+        let status = status.map(|s| s.as_u16());
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.metric_label(),
         };
         observer.on_call(&CallRecord {
             organization: &inner.organization_text,
@@ -590,16 +504,17 @@ impl AdoClient {
         result
     }
 
+    /// Sends; returns the HTTP status when an answer came, and the answer when it was a 2xx.
     async fn send(
         &self,
         endpoint: &'static str,
         request: reqwest::RequestBuilder,
-    ) -> Result<Answer, AdoError> {
+    ) -> (Option<StatusCode>, Result<Answer, AdoError>) {
         let inner = &*self.inner;
-        let response = request
-            .send()
-            .await
-            .map_err(|e| self.transport_error(endpoint, &e))?;
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => return (None, Err(self.transport_error(endpoint, &e))),
+        };
         let status = response.status();
         let headers = response.headers().clone();
         let state = inner.limiter.observe(&headers);
@@ -607,15 +522,15 @@ impl AdoClient {
             .config
             .observer
             .on_rate_limit(&inner.organization_text, &state);
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| self.transport_error(endpoint, &e))?
-            .to_vec();
+        let body = match response.bytes().await {
+            Ok(b) => b.to_vec(),
+            Err(e) => return (Some(status), Err(self.transport_error(endpoint, &e))),
+        };
         if status.is_success() {
-            return Ok(Answer { status, body });
+            return (Some(status), Ok(Answer { status, body }));
         }
-        Err(self.status_error(endpoint, status, &headers, &body, state.retry_after))
+        let err = self.status_error(endpoint, status, &headers, &body, state.retry_after);
+        (Some(status), Err(err))
     }
 
     fn transport_error(&self, endpoint: &'static str, e: &reqwest::Error) -> AdoError {
@@ -764,6 +679,58 @@ impl AdoClients {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clear();
     }
+}
+
+/// What one REST call is: endpoint label, method, URL, query, api-version.
+struct Call {
+    endpoint: &'static str,
+    method: Method,
+    url: Url,
+    params: Vec<(&'static str, String)>,
+    api_version: &'static str,
+}
+
+impl Call {
+    fn new(endpoint: &'static str, method: Method, url: Url) -> Self {
+        Self {
+            endpoint,
+            method,
+            url,
+            params: Vec::new(),
+            api_version: API_VERSION,
+        }
+    }
+
+    fn get(endpoint: &'static str, url: Url) -> Self {
+        Self::new(endpoint, Method::GET, url)
+    }
+
+    fn param(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.params.push((name, value.into()));
+        self
+    }
+
+    fn api_version(mut self, version: &'static str) -> Self {
+        self.api_version = version;
+        self
+    }
+}
+
+/// How a 2xx answer becomes a value.
+type Parse<T> = fn(&'static str, &Answer) -> Result<T, AdoError>;
+
+/// The body as JSON of type `T`; anything else is [`AdoError::MalformedJson`] with an excerpt.
+fn decode<T: DeserializeOwned>(endpoint: &'static str, answer: &Answer) -> Result<T, AdoError> {
+    serde_json::from_slice(&answer.body).map_err(|e| AdoError::MalformedJson {
+        endpoint,
+        error: format!("{e} (HTTP {})", answer.status.as_u16()),
+        excerpt: excerpt(&String::from_utf8_lossy(&answer.body), 200),
+    })
+}
+
+/// For calls whose answer carries nothing we need (DELETE).
+fn ignore_body(_endpoint: &'static str, _answer: &Answer) -> Result<(), AdoError> {
+    Ok(())
 }
 
 fn endpoint_path(organization: &str, endpoint: &str) -> String {
