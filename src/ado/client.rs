@@ -518,6 +518,16 @@ impl AdoClient {
         let status = response.status();
         let headers = response.headers().clone();
         let state = inner.limiter.observe(&headers);
+        if let Some(wait) = state.retry_after {
+            tracing::warn!(
+                organization = %inner.organization_text,
+                endpoint,
+                status = status.as_u16(),
+                retry_after_s = wait.as_secs_f64(),
+                headroom = state.headroom,
+                "Azure DevOps asked this identity to wait (Retry-After); holding every call to the organization until then"
+            );
+        }
         inner
             .config
             .observer

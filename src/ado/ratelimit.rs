@@ -12,7 +12,7 @@ use reqwest::header::HeaderMap;
 
 use super::observer::{AdoObserver, DelayReason, RateLimitState};
 
-/// Below this headroom the poll loop should slow down (see [`Limiter::slow_down_factor`]).
+/// Below this headroom the poll loop should slow down (see `AdoClient::slow_down_factor`).
 pub const LOW_HEADROOM: f64 = 0.25;
 
 /// The longest slow-down factor suggested.
