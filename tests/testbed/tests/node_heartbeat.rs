@@ -153,3 +153,38 @@ async fn without_heartbeats_the_node_turns_unknown_and_node_loss_deletes_it() {
         "the lost node is deleted"
     );
 }
+
+#[tokio::test]
+async fn a_deleted_node_registers_again_like_a_kubelet() {
+    init_tracing();
+    let client = node::client().await;
+    let ns = TestNamespace::create(&client, "node-reregister").await;
+    let mut config = NodeConfig::for_namespace(ns.name());
+    config.heartbeat_interval = Duration::from_secs(2);
+    let harness = NodeHarness::start(client.clone(), config)
+        .await
+        .expect("node harness starts");
+    let nodes: Api<Node> = Api::all(client.clone());
+    let first_uid = nodes
+        .get(harness.node_name())
+        .await
+        .expect("get node")
+        .metadata
+        .uid
+        .expect("uid");
+    nodes
+        .delete(harness.node_name(), &Default::default())
+        .await
+        .expect("delete node");
+    let again = wait_for(
+        &nodes,
+        harness.node_name(),
+        TIMEOUT,
+        "the Node registered again",
+        |n: Option<&Node>| n.is_some_and(|n| n.metadata.uid.as_deref() != Some(first_uid.as_str())),
+    )
+    .await
+    .expect("node");
+    assert_eq!(ready_status(&again).as_deref(), Some("True"));
+    harness.shutdown().await.expect("shutdown");
+}

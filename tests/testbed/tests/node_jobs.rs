@@ -203,3 +203,32 @@ async fn on_failure_restarts_the_container_in_the_same_pod() {
     assert_eq!(terminated(&done), Some((0, "Completed".to_owned())));
     harness.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test]
+async fn a_pod_past_its_active_deadline_fails_with_deadline_exceeded() {
+    init_tracing();
+    let client = node::client().await;
+    let ns = TestNamespace::create(&client, "node-deadline").await;
+    let harness = NodeHarness::start(client.clone(), NodeConfig::for_namespace(ns.name()))
+        .await
+        .expect("node harness starts");
+    let mut pod = shell_pod("late", "exec sleep 300");
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.active_deadline_seconds = Some(1);
+    }
+    let pods: Api<Pod> = ns.api();
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    let failed = wait_pod_phase(&pods, "late", "Failed", TIMEOUT).await;
+    assert_eq!(
+        failed.status.as_ref().and_then(|s| s.reason.as_deref()),
+        Some("DeadlineExceeded")
+    );
+    assert_eq!(
+        terminated(&failed).map(|t| t.0),
+        Some(143),
+        "stopped with SIGTERM"
+    );
+    harness.shutdown().await.expect("shutdown");
+}

@@ -316,6 +316,15 @@ impl StatusCtx {
             {
                 Ok(_) => return true,
                 Err(e) if is_status(&e, 404) => return false,
+                Err(kube::Error::Api(status))
+                    if (400..500).contains(&status.code)
+                        && status.code != 409
+                        && status.code != 429 =>
+                {
+                    // Rejected (e.g. validation): retrying the same document cannot help.
+                    tracing::error!(pod = %format!("{ns}/{name}"), code = status.code, message = %status.message, "pod status rejected by the API server");
+                    return false;
+                }
                 Err(e) => {
                     tracing::warn!(pod = %format!("{ns}/{name}"), attempt, error = %e, "pod status write failed");
                     tokio::time::sleep(delay).await;
@@ -607,10 +616,12 @@ async fn supervise(
     proc: &mut Running,
     pod_rx: &mut watch::Receiver<Pod>,
     control: &mut mpsc::UnboundedReceiver<Control>,
+    deadline: Option<tokio::time::Instant>,
 ) -> Outcome {
     let mut kill_at: Option<tokio::time::Instant> = None;
     let mut reason: Option<String> = None;
     let mut terminating = false;
+    let mut deadline = deadline;
     // A deletion that happened before the process started.
     {
         let pod = pod_rx.borrow_and_update();
@@ -665,8 +676,31 @@ async fn supervise(
                 kill_at = None;
                 proc.kill_all();
             }
+            () = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                // The pod's activeDeadlineSeconds passed: the kubelet stops it and fails the pod.
+                deadline = None;
+                reason = Some("DeadlineExceeded".into());
+                if !terminating {
+                    terminating = true;
+                    proc.stop(target);
+                    kill_at = Some(tokio::time::Instant::now() + grace_period(&pod_rx.borrow()));
+                }
+            }
         }
     }
+}
+
+/// When the pod's `activeDeadlineSeconds` (counted from its start on the node) runs out.
+fn pod_deadline(pod: &Pod, start_time: Timestamp) -> Option<tokio::time::Instant> {
+    let secs = pod.spec.as_ref()?.active_deadline_seconds?;
+    let elapsed = Timestamp::now().duration_since(start_time).unsigned_abs();
+    let total = Duration::from_secs(u64::try_from(secs).ok()?);
+    Some(tokio::time::Instant::now() + total.saturating_sub(elapsed))
 }
 
 fn restarts(pod: &Pod, exit_code: i32) -> bool {
@@ -834,11 +868,13 @@ async fn worker(
             last.as_ref(),
         )
         .await;
+        let deadline = pod_deadline(&current, start_time);
         let outcome = supervise(
             shared.config.stop_signal_target,
             &mut proc,
             &mut pod_rx,
             &mut control,
+            deadline,
         )
         .await;
         if let Some(e) = shared.pods().get_mut(&uid) {
@@ -867,7 +903,7 @@ async fn worker(
             finished_at: Timestamp::now(),
         };
         let current = pod_rx.borrow().clone();
-        let shutting_down = matches!(reason.as_deref(), Some("Terminated"));
+        let shutting_down = matches!(reason.as_deref(), Some("Terminated" | "DeadlineExceeded"));
         if !deleting(&current) && !shutting_down && restarts(&current, code) {
             restart_count += 1;
             let waiting = ContainerState::Waiting {
@@ -920,11 +956,6 @@ async fn worker(
             "Succeeded"
         } else {
             "Failed"
-        };
-        let phase = if code == 0 && reason.as_deref() == Some("Terminated") {
-            "Failed"
-        } else {
-            phase
         };
         tracing::debug!(pod = %key, code, phase, "container finished");
         let written = st

@@ -174,11 +174,18 @@ async fn heartbeat(shared: &Shared) -> Result<(), NodeError> {
         cs.iter().map(|c| json!({"type": c["type"], "status": c["status"], "reason": c["reason"],
             "message": c["message"], "lastHeartbeatTime": now})).collect::<Vec<_>>()
     })}});
-    let node = nodes
+    match nodes
         .patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch))
         .await
-        .map_err(NodeError::api(format!("heartbeat of node {name}")))?;
-    renew_lease(shared, node.metadata.uid.as_deref().unwrap_or_default()).await
+    {
+        Ok(node) => renew_lease(shared, node.metadata.uid.as_deref().unwrap_or_default()).await,
+        // Someone deleted the Node: register again, as a kubelet does.
+        Err(e) if is_status(&e, 404) => {
+            tracing::warn!(node = %name, "the Node was deleted; registering it again");
+            register(shared).await
+        }
+        Err(e) => Err(NodeError::api(format!("heartbeat of node {name}"))(e)),
+    }
 }
 
 /// Renews the Lease and the Ready heartbeat every `heartbeat_interval` while heartbeats are enabled.
