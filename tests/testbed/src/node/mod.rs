@@ -28,10 +28,11 @@
 //! Every process starts with exactly: `PATH` (the configured prefix, then the harness's own `PATH`),
 //! `HOME` (the pod's `home/`), `HOSTNAME` (the pod name), [`POD_ROOT_ENV`], [`POD_DIR_ENV`], the image's
 //! `env` ([`ImageConfig`]), [`NodeConfig::extra_env`], then the pod's `envFrom` and `env`, then the
-//! workload-identity variables. Not emulated: init containers, sidecars and other containers (reported
-//! as waiting), probes, resource limits, `activeDeadlineSeconds` of the pod (the Job's is the Job
-//! controller's and works), service-link env vars and in-cluster API access (the service-account token is
-//! written, but `KUBERNETES_SERVICE_HOST` is not set and absolute paths cannot be used), Events.
+//! workload-identity variables. Emulated besides: `restartPolicy` (`OnFailure`/`Always` restart in the
+//! same pod), the pod's `activeDeadlineSeconds`, re-registration of a deleted Node. Not emulated: init
+//! containers, sidecars and other containers (reported as waiting), probes, resource limits and requests,
+//! service-link env vars and in-cluster API access (the service-account token is written, but
+//! `KUBERNETES_SERVICE_HOST` is not set and absolute paths cannot be used), Events.
 
 pub mod cli;
 pub mod config;
