@@ -183,9 +183,9 @@ pub async fn plan_report(args: &PlanArgs) -> Result<plan::PlanReport, PlanError>
             .map_err(|e| ado_err(e.to_string()))?;
         let usage = ado.resource_usage().await.ok();
         let ado_snapshot = snapshot::ado_snapshot(&ado_pool, &requests, &agents, usage.as_ref());
-        let registered: HashSet<&str> = agents.iter().map(|a| a.name.as_str()).collect();
+        let seen = snapshot::AgentsSeen::from_agents(&agents);
         let cluster = match &client {
-            Some(client) => read_cluster(client, &members, &registered).await,
+            Some(client) => read_cluster(client, &members, &seen).await,
             None => plan::ClusterSnapshot::default(),
         };
         let specs: Vec<plan::AgentPoolSpec> =
@@ -199,7 +199,7 @@ pub async fn plan_report(args: &PlanArgs) -> Result<plan::PlanReport, PlanError>
 async fn read_cluster(
     client: &Client,
     members: &[AgentPool],
-    registered: &HashSet<&str>,
+    seen: &snapshot::AgentsSeen<'_>,
 ) -> plan::ClusterSnapshot {
     let namespaces: HashSet<String> = members
         .iter()
@@ -237,7 +237,7 @@ async fn read_cluster(
     snapshot::cluster_snapshot(
         jobs.iter().filter(|j| ours(&j.metadata)),
         &pod_refs,
-        registered,
+        seen,
     )
 }
 

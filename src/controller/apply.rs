@@ -222,11 +222,21 @@ async fn remove_idle(
         let agent = ado
             .agents(
                 pool_id,
-                &AgentQuery::named(agent_name).with_assigned_request(),
+                &AgentQuery {
+                    include_last_completed_request: true,
+                    ..AgentQuery::named(agent_name).with_assigned_request()
+                },
             )
             .await?
             .into_iter()
             .find(|a| a.id == agent_id);
+        if agent
+            .as_ref()
+            .is_some_and(|a| a.last_completed_request.is_some())
+        {
+            // It already ran its one job and is deregistering: not idle, its Job ends by itself.
+            return Ok(false);
+        }
         let holds_request = agent.as_ref().is_some_and(|a| a.assigned_request.is_some())
             || requests.iter().any(|r| {
                 r.finish_time.is_none()

@@ -295,8 +295,11 @@ fn cluster_snapshot(
         .filter(|p| belongs(&p.metadata))
         .collect();
     let pod_refs: Vec<&Pod> = pods.iter().map(|p| p.as_ref()).collect();
-    let registered: HashSet<&str> = agents.iter().map(|a| a.name.as_str()).collect();
-    snapshot::cluster_snapshot(jobs.iter().map(|j| j.as_ref()), &pod_refs, &registered)
+    snapshot::cluster_snapshot(
+        jobs.iter().map(|j| j.as_ref()),
+        &pod_refs,
+        &snapshot::AgentsSeen::from_agents(agents),
+    )
 }
 
 /// Capped and unservable requests: visible in a log line once per request, never silently dropped.

@@ -24,10 +24,25 @@ pub fn ado_snapshot(
     agents: &[TaskAgent],
     usage: Option<&ResourceUsage>,
 ) -> plan::AdoSnapshot {
+    let agents: Vec<plan::Agent> = agents.iter().filter_map(agent).collect();
+    let mut requests: Vec<plan::JobRequest> = requests.iter().filter_map(job_request).collect();
+    // The two lists are read one after the other: an agent may already hold a request that the (older)
+    // request list still shows as waiting. It is not waiting: counting it as demand would make a second
+    // agent for it.
+    for r in &mut requests {
+        if r.reserved_agent.is_none()
+            && let Some(holder) = agents.iter().find(|a| a.assigned_request == Some(r.id))
+        {
+            r.reserved_agent = Some(plan::AgentRef {
+                id: holder.id,
+                name: holder.name.clone(),
+            });
+        }
+    }
     plan::AdoSnapshot {
         ado_pool: ado_pool.to_owned(),
-        requests: requests.iter().filter_map(job_request).collect(),
-        agents: agents.iter().filter_map(agent).collect(),
+        requests,
+        agents,
         parallel_jobs: usage.and_then(parallel_jobs),
     }
 }
@@ -111,16 +126,41 @@ pub fn pool_ref(pool: &AgentPool) -> Option<plan::PoolRef> {
     ))
 }
 
-/// Our agent Jobs (and their pods) → the planner's [`plan::ClusterSnapshot`]. `registered` holds the names
-/// of the agents ADO lists in the pool: a Job whose agent is there is `Running`, else `Starting`.
+/// What ADO's agent list says about our agents, by agent name.
+#[derive(Debug, Default, Clone)]
+pub struct AgentsSeen<'a> {
+    /// Agents registered in the pool.
+    pub registered: HashSet<&'a str>,
+    /// Agents that already completed a request: a run-once agent never takes another, so its Job is
+    /// finished even while its pod is still deregistering (it must not count as an idle agent).
+    pub completed: HashSet<&'a str>,
+}
+
+impl<'a> AgentsSeen<'a> {
+    /// From the agents list (read with `includeLastCompletedRequest`).
+    pub fn from_agents(agents: &'a [TaskAgent]) -> Self {
+        AgentsSeen {
+            registered: agents.iter().map(|a| a.name.as_str()).collect(),
+            completed: agents
+                .iter()
+                .filter(|a| a.last_completed_request.is_some())
+                .map(|a| a.name.as_str())
+                .collect(),
+        }
+    }
+}
+
+/// Our agent Jobs (and their pods) → the planner's [`plan::ClusterSnapshot`]. A Job whose agent is
+/// registered is `Running`, else `Starting`; one whose agent completed its job or whose pod terminated is
+/// `Finished`.
 pub fn cluster_snapshot<'a>(
     jobs: impl IntoIterator<Item = &'a Job>,
     pods: &[&Pod],
-    registered: &HashSet<&str>,
+    seen: &AgentsSeen<'_>,
 ) -> plan::ClusterSnapshot {
     let jobs: Vec<(&Job, plan::AgentJob)> = jobs
         .into_iter()
-        .filter_map(|job| Some((job, agent_job(job, pods, registered)?)))
+        .filter_map(|job| Some((job, agent_job(job, pods, seen)?)))
         .collect();
     plan::ClusterSnapshot {
         startup_failures: startup_failures(&jobs),
@@ -155,7 +195,7 @@ fn startup_failures(jobs: &[(&Job, plan::AgentJob)]) -> BTreeMap<String, u32> {
 }
 
 /// One of our agent Jobs → the planner's view of it (None for a Job that is not an agent Job of ours).
-pub fn agent_job(job: &Job, pods: &[&Pod], registered: &HashSet<&str>) -> Option<plan::AgentJob> {
+pub fn agent_job(job: &Job, pods: &[&Pod], seen: &AgentsSeen<'_>) -> Option<plan::AgentJob> {
     let meta = &job.metadata;
     let name = meta.name.clone()?;
     let namespace = meta.namespace.clone()?;
@@ -186,13 +226,15 @@ pub fn agent_job(job: &Job, pods: &[&Pod], registered: &HashSet<&str>) -> Option
         })
         .collect();
     let pod_started = own_pods.iter().any(|p| pod_started(p));
-    let phase = if job_finished(job) {
-        plan::JobPhase::Finished
-    } else if registered.contains(agent_name.as_str()) {
-        plan::JobPhase::Running
-    } else {
-        plan::JobPhase::Starting
-    };
+    let pod_terminated = !own_pods.is_empty() && own_pods.iter().all(|p| pod_terminated(p));
+    let phase =
+        if job_finished(job) || pod_terminated || seen.completed.contains(agent_name.as_str()) {
+            plan::JobPhase::Finished
+        } else if seen.registered.contains(agent_name.as_str()) {
+            plan::JobPhase::Running
+        } else {
+            plan::JobPhase::Starting
+        };
     Some(plan::AgentJob {
         name,
         agent_pool: plan::PoolRef::new(namespace, pool),
@@ -222,6 +264,14 @@ pub fn job_finished(job: &Job) -> bool {
                     "Complete" | "Failed" | "SuccessCriteriaMet" | "FailureTarget"
                 )
         })
+}
+
+fn pod_terminated(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_some()
+        || pod
+            .status
+            .as_ref()
+            .is_some_and(|s| matches!(s.phase.as_deref(), Some("Succeeded" | "Failed")))
 }
 
 fn pod_started(pod: &Pod) -> bool {
@@ -293,7 +343,10 @@ mod tests {
 
     #[test]
     fn job_phase_table() {
-        let registered: HashSet<&str> = HashSet::from(["linux-r2-a1-abcd1234"]);
+        let seen = AgentsSeen {
+            registered: HashSet::from(["linux-r2-a1-abcd1234", "linux-r5-a1-abcd1234"]),
+            completed: HashSet::from(["linux-r5-a1-abcd1234"]),
+        };
         let cases = [
             (job("linux-r1-a1", Some(1), 1), plan::JobPhase::Starting),
             (job("linux-r2-a1", Some(2), 1), plan::JobPhase::Running),
@@ -309,20 +362,22 @@ mod tests {
                 finished(job("linux-r4-a1", Some(4), 1), "Suspended"),
                 plan::JobPhase::Starting,
             ),
+            // Ran its one job, still deregistering: finished, never an idle agent.
+            (job("linux-r5-a1", Some(5), 1), plan::JobPhase::Finished),
         ];
         for (j, want) in cases {
-            let got = agent_job(&j, &[], &registered).unwrap();
+            let got = agent_job(&j, &[], &seen).unwrap();
             assert_eq!(got.phase, want, "{}", got.name);
         }
     }
 
     #[test]
     fn job_annotations_become_request_and_attempt() {
-        let got = agent_job(&job("linux-r7-a2", Some(7), 2), &[], &HashSet::new()).unwrap();
+        let got = agent_job(&job("linux-r7-a2", Some(7), 2), &[], &AgentsSeen::default()).unwrap();
         assert_eq!(got.for_request, Some(7));
         assert_eq!(got.attempt, 2);
         assert_eq!(got.agent_pool, plan::PoolRef::new("ci", "linux"));
-        let standby = agent_job(&job("linux-s1", None, 1), &[], &HashSet::new()).unwrap();
+        let standby = agent_job(&job("linux-s1", None, 1), &[], &AgentsSeen::default()).unwrap();
         assert_eq!(standby.for_request, None);
     }
 
@@ -348,7 +403,7 @@ mod tests {
             with_outcome(job("linux-r3-a1", Some(3), 1), "2026-11-26T10:02:00Z", true),
             job("linux-r4-a1", Some(4), 1),
         ];
-        let snap = cluster_snapshot(jobs.iter(), &[], &HashSet::new());
+        let snap = cluster_snapshot(jobs.iter(), &[], &AgentsSeen::default());
         assert_eq!(snap.failures_of(&plan::PoolRef::new("ci", "linux")), 2);
         let healed = [
             with_outcome(job("linux-r2-a1", Some(2), 1), "2026-11-26T10:01:00Z", true),
@@ -358,7 +413,7 @@ mod tests {
                 false,
             ),
         ];
-        let snap = cluster_snapshot(healed.iter(), &[], &HashSet::new());
+        let snap = cluster_snapshot(healed.iter(), &[], &AgentsSeen::default());
         assert_eq!(snap.failures_of(&plan::PoolRef::new("ci", "linux")), 0);
     }
 
@@ -366,7 +421,7 @@ mod tests {
     fn a_job_without_our_labels_is_not_an_agent_job() {
         let mut j = job("other", None, 1);
         j.metadata.labels = None;
-        assert!(agent_job(&j, &[], &HashSet::new()).is_none());
+        assert!(agent_job(&j, &[], &AgentsSeen::default()).is_none());
     }
 
     #[test]
@@ -376,6 +431,29 @@ mod tests {
         assert_ne!(a, agent_name("linux-r1-a1", "cluster-b", "ci"));
         assert_ne!(a, agent_name("linux-r1-a1", "cluster-a", "ci2"));
         assert!(a.starts_with("linux-r1-a1-") && a.len() == "linux-r1-a1-".len() + 8);
+    }
+
+    #[test]
+    fn a_request_an_agent_already_holds_is_not_pending_even_if_the_request_list_is_older() {
+        let requests: Vec<TaskAgentJobRequest> =
+            serde_json::from_value(serde_json::json!([{"requestId": 1}, {"requestId": 2}]))
+                .unwrap();
+        let agents: Vec<TaskAgent> = serde_json::from_value(serde_json::json!([
+            {"id": 7, "name": "linux-r1-a1-abcd1234", "assignedRequest": {"requestId": 1}}
+        ]))
+        .unwrap();
+        let snap = ado_snapshot("linux", &requests, &agents, None);
+        let pending: Vec<i64> = snap
+            .requests
+            .iter()
+            .filter(|r| r.is_pending())
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(pending, vec![2]);
+        assert_eq!(
+            snap.requests[0].reserved_agent.as_ref().map(|a| a.id),
+            Some(7)
+        );
     }
 
     #[test]

@@ -271,6 +271,11 @@ impl Bed {
         Ok(())
     }
 
+    /// The environment the controller process runs with (for running other commands as the controller).
+    pub fn controller_env(&self) -> Vec<(String, String)> {
+        self.controller_env.clone()
+    }
+
     /// Kills the controller with SIGKILL (no cleanup on its side) and waits for it.
     pub async fn kill_controller(&mut self) {
         if let Some(mut c) = self.controller.take() {
