@@ -70,11 +70,12 @@ RUN if [ -z "${AGENT_SHA256}" ]; then \
 FROM debian:${DEBIAN_RELEASE}-slim AS agent
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # The agent's own dependency script installs what .NET needs (ICU, OpenSSL, Kerberos, …); git and
-# ca-certificates for checkouts. No Azure CLI: the entrypoint gets its token through workload identity.
+# ca-certificates for checkouts; tini as PID 1 (reaps orphaned job processes, passes SIGTERM to the
+# entrypoint only). No Azure CLI: the entrypoint gets its token through workload identity.
 COPY --from=agent-download /azp /azp
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates git \
+    && apt-get install -y --no-install-recommends ca-certificates git tini \
     && /azp/bin/installdependencies.sh \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 agent \
@@ -85,11 +86,11 @@ COPY --from=build /out/glibc/azp-autoscaler /usr/local/bin/azp-autoscaler
 USER 10001:10001
 # The agent folder is the working directory (AZP_AGENT_DIR's default); _work is the work folder.
 WORKDIR /azp
-# SIGTERM goes to the entrypoint (PID 1), which forwards it to the listener and deregisters afterwards.
+# SIGTERM goes through tini to the entrypoint, which forwards it to the listener and deregisters afterwards.
 # Give the pod terminationGracePeriodSeconds >= AZP_LISTENER_GRACE_SECONDS + AZP_DEREGISTER_TIMEOUT_SECONDS
 # + margin (defaults: 45 + 30 -> 90).
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["/usr/local/bin/azp-autoscaler", "agent"]
+ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/azp-autoscaler", "agent"]
 
 # --- controller: static binary, distroless, non-root -----------------------------------------------------
 FROM gcr.io/distroless/static-debian12:nonroot AS controller

@@ -148,22 +148,27 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
-        let mut lines = BufReader::new(reader).lines();
+        let mut reader = BufReader::new(reader);
+        let mut buf = Vec::with_capacity(256);
         loop {
-            match lines.next_line().await {
-                Ok(Some(line)) => {
+            buf.clear();
+            // Bytes, not `lines()`: a line that is not UTF-8 must not stop the reading (the child would
+            // then block on a full pipe); it is forwarded lossily.
+            match reader.read_until(b'\n', &mut buf).await {
+                Ok(0) => break,
+                Ok(_) => {
+                    let text = String::from_utf8_lossy(&buf);
+                    let line = text.trim_end_matches(['\n', '\r']);
                     if let Some(w) = &watch {
-                        w.observe(&line);
+                        w.observe(line);
                     }
-                    let masked = redactor.mask(&line);
-                    tail.push(masked.clone());
+                    let masked = redactor.mask(line);
                     // Output that cannot be written (closed pipe) is dropped; the child must not block on us.
                     let _ = writer.write_all(masked.as_bytes()).await;
                     let _ = writer.write_all(b"\n").await;
                     let _ = writer.flush().await;
+                    tail.push(masked);
                 }
-                Ok(None) => break,
-                // Not UTF-8 or a read error: stop reading this stream rather than guess.
                 Err(_) => break,
             }
         }
@@ -254,6 +259,32 @@ pub fn describe(status: &ExitStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn output_is_forwarded_masked_and_watched_even_when_not_utf8() {
+        let redactor = Redactor::default();
+        redactor.add("secret-token-123");
+        let watch = Arc::new(JobWatch::default());
+        let tail = Tail::default();
+        let input: &[u8] =
+            b"bad \xff byte\nuses secret-token-123\r\n2026: Job Build completed with result: Succeeded";
+        let (mut w, r) = tokio::io::duplex(1024);
+        let (out_w, mut out_r) = tokio::io::duplex(1024);
+        let pumping = pump(r, out_w, redactor, Some(watch.clone()), tail.clone());
+        w.write_all(input).await.unwrap();
+        drop(w);
+        pumping.await.unwrap();
+        let mut out = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut out_r, &mut out)
+            .await
+            .unwrap();
+        assert_eq!(
+            out,
+            "bad \u{fffd} byte\nuses ***\n2026: Job Build completed with result: Succeeded\n"
+        );
+        assert_eq!(watch.result(), Some(JobResult::Succeeded));
+        assert_eq!(tail.lines().len(), 3);
+    }
 
     #[test]
     fn redactor_masks_known_secrets_only() {

@@ -29,6 +29,10 @@ if [ "$1" = "remove" ]; then
 fi
 echo "$*" >> argv.log
 echo "configure $VSTS_AGENT_INPUT_TOKEN" >> calls.log
+if [ -f config.sleep ]; then
+  trap 'echo "config got TERM" >> calls.log; exit 1' TERM
+  while true; do sleep 1 & wait $!; done
+fi
 codes="$(cat config.codes 2>/dev/null)"
 code="${codes%% *}"
 rest="${codes#* }"
@@ -466,4 +470,35 @@ async fn a_refused_rest_delete_falls_back_to_config_sh_remove() {
     assert_eq!(outcome.exit(), Exit::Agent, "{outcome:?}");
     assert!(!outcome.deregistration_failed);
     assert!(dir.read("calls.log").contains("remove"));
+}
+
+#[tokio::test]
+async fn sigterm_while_config_sh_runs_stops_it_and_registers_nothing_more() {
+    let dir = Dir::new();
+    dir.write("config.sleep", "");
+    let ado = FakeAdo::default();
+    let (trigger, term) = Termination::manual();
+    let settings = dir.settings();
+    let run = tokio::spawn(async move {
+        let env = super::env::child_env(parent_env(), &BTreeMap::new());
+        Runner::new(&settings, &ado, term, env).run().await
+    });
+    wait_for(|| dir.read("calls.log").contains("configure")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    trigger.send(Some(Signal::SIGTERM)).unwrap();
+    let outcome = run.await.unwrap();
+    assert_eq!(outcome.exit(), Exit::Success, "{outcome:?}");
+    assert!(
+        dir.read("calls.log").contains("config got TERM"),
+        "SIGTERM forwarded to config.sh"
+    );
+    assert!(
+        dir.read("listener.argv").is_empty(),
+        "the listener never started"
+    );
+    assert_eq!(
+        dir.read("argv.log").lines().count(),
+        1,
+        "no retry after the signal"
+    );
 }
