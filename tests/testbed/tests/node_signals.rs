@@ -6,8 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use azp_testbed::node::testing::{
-    TestNamespace, init_tracing, last_state_before_deletion, pod_phase, shell_pod, terminated,
-    wait_pod_phase,
+    PodFollower, TestNamespace, init_tracing, pod_phase, shell_pod, terminated, wait_pod_phase,
 };
 use azp_testbed::node::{self, NodeConfig, NodeHarness};
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -70,15 +69,11 @@ async fn deletion_sends_sigterm_that_the_process_sees() {
     let pods: Api<Pod> = ns.api();
     start_ready(&harness, &pods, ns.name(), "graceful", TRAPS_TERM, 30).await;
 
-    let follow = tokio::spawn({
-        let pods = pods.clone();
-        async move { last_state_before_deletion(&pods, "graceful", TIMEOUT).await }
-    });
-    tokio::task::yield_now().await;
+    let follow = PodFollower::start(&pods, "graceful").await;
     pods.delete("graceful", &DeleteParams::default())
         .await
         .expect("delete pod");
-    let last = follow.await.expect("follower");
+    let last = follow.until_deleted(TIMEOUT).await;
     assert_eq!(
         pod_phase(&last),
         Some("Succeeded"),
@@ -106,15 +101,11 @@ async fn a_process_ignoring_sigterm_is_killed_after_the_grace_period() {
         .expect("node harness starts");
     let pods: Api<Pod> = ns.api();
     start_ready(&harness, &pods, ns.name(), "stubborn", IGNORES_TERM, 1).await;
-    let follow = tokio::spawn({
-        let pods = pods.clone();
-        async move { last_state_before_deletion(&pods, "stubborn", TIMEOUT).await }
-    });
-    tokio::task::yield_now().await;
+    let follow = PodFollower::start(&pods, "stubborn").await;
     pods.delete("stubborn", &DeleteParams::default())
         .await
         .expect("delete pod");
-    let last = follow.await.expect("follower");
+    let last = follow.until_deleted(TIMEOUT).await;
     assert_eq!(pod_phase(&last), Some("Failed"));
     assert_eq!(
         terminated(&last),
@@ -137,26 +128,18 @@ async fn eviction_and_drain_stop_pods_through_sigterm() {
         start_ready(&harness, &pods, ns.name(), name, TRAPS_TERM, 30).await;
     }
 
-    let follow = tokio::spawn({
-        let pods = pods.clone();
-        async move { last_state_before_deletion(&pods, "evicted", TIMEOUT).await }
-    });
-    tokio::task::yield_now().await;
+    let follow = PodFollower::start(&pods, "evicted").await;
     harness
         .evict_pod(ns.name(), "evicted")
         .await
         .expect("evict");
-    let last = follow.await.expect("follower");
+    let last = follow.until_deleted(TIMEOUT).await;
     assert_eq!(terminated(&last), Some((0, "Completed".to_owned())));
 
-    let followers: Vec<_> = ["drained-1", "drained-2"]
-        .into_iter()
-        .map(|name| {
-            let pods = pods.clone();
-            tokio::spawn(async move { last_state_before_deletion(&pods, name, TIMEOUT).await })
-        })
-        .collect();
-    tokio::task::yield_now().await;
+    let mut followers = Vec::new();
+    for name in ["drained-1", "drained-2"] {
+        followers.push(PodFollower::start(&pods, name).await);
+    }
     let mut evicted = harness.drain().await.expect("drain");
     evicted.sort();
     assert_eq!(
@@ -167,7 +150,7 @@ async fn eviction_and_drain_stop_pods_through_sigterm() {
         ]
     );
     for f in followers {
-        let last = f.await.expect("follower");
+        let last = f.until_deleted(TIMEOUT).await;
         assert_eq!(terminated(&last), Some((0, "Completed".to_owned())));
     }
     for name in ["evicted", "drained-1", "drained-2"] {
@@ -258,15 +241,11 @@ async fn sigterm_reaches_only_the_main_process_and_teardown_kills_every_process(
         pgrp(children[1].1),
         "child 2 runs in a process group of its own"
     );
-    let follow = tokio::spawn({
-        let pods = pods.clone();
-        async move { last_state_before_deletion(&pods, "wrapper", TIMEOUT).await }
-    });
-    tokio::task::yield_now().await;
+    let follow = PodFollower::start(&pods, "wrapper").await;
     pods.delete("wrapper", &DeleteParams::default())
         .await
         .expect("delete pod");
-    let last = follow.await.expect("follower");
+    let last = follow.until_deleted(TIMEOUT).await;
     assert_eq!(
         terminated(&last),
         Some((143, "Error".to_owned())),

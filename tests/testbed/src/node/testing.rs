@@ -212,29 +212,60 @@ pub async fn wait_pod_phase(api: &Api<Pod>, name: &str, phase: &str, timeout: Du
     .unwrap_or_else(|| panic!("pod {name} vanished while waiting for {what}"))
 }
 
-/// Follows pod `name` through a watch until it is deleted and returns the last state seen before that.
-/// Start it before the deletion (it lists the pod first).
-pub async fn last_state_before_deletion(api: &Api<Pod>, name: &str, timeout: Duration) -> Pod {
-    use futures::StreamExt;
-    use kube::runtime::watcher::{self, Event};
-    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut stream = watcher::watcher(api.clone(), cfg).boxed();
-    let mut last: Option<Pod> = None;
-    let follow = async {
-        while let Some(ev) = stream.next().await {
-            match ev {
-                Ok(Event::Apply(p) | Event::InitApply(p)) => last = Some(p),
-                Ok(Event::Delete(p)) => return Some(last.take().unwrap_or(p)),
-                Ok(_) => {}
-                Err(e) => panic!("watching pod {name}: {e}"),
-            }
+/// Follows one pod from the moment it is started (a watch from the pod's current resourceVersion, so no
+/// event is missed), to see the last state the pod had before it was deleted.
+pub struct PodFollower {
+    name: String,
+    last: Pod,
+    events: futures::stream::BoxStream<'static, Result<kube::api::WatchEvent<Pod>, kube::Error>>,
+}
+
+impl PodFollower {
+    /// Reads pod `name` and opens a watch on it from that version. Call it before deleting the pod.
+    pub async fn start(api: &Api<Pod>, name: &str) -> Self {
+        use futures::StreamExt;
+        let pod = api
+            .get(name)
+            .await
+            .unwrap_or_else(|e| panic!("get pod {name}: {e}"));
+        let version = pod.metadata.resource_version.clone().unwrap_or_default();
+        let params = kube::api::WatchParams::default()
+            .fields(&format!("metadata.name={name}"))
+            .timeout(290);
+        let events = api
+            .watch(&params, &version)
+            .await
+            .unwrap_or_else(|e| panic!("watch pod {name}: {e}"))
+            .boxed();
+        Self {
+            name: name.to_owned(),
+            last: pod,
+            events,
         }
-        None
-    };
-    match tokio::time::timeout(timeout, follow).await {
-        Ok(Some(p)) => p,
-        Ok(None) => panic!("the watch of pod {name} ended"),
-        Err(_) => panic!("pod {name} was not deleted within {timeout:?}"),
+    }
+
+    /// Waits until the pod is deleted and returns its last state before that.
+    pub async fn until_deleted(mut self, timeout: Duration) -> Pod {
+        use futures::StreamExt;
+        use kube::api::WatchEvent;
+        let name = self.name.clone();
+        let follow = async {
+            while let Some(ev) = self.events.next().await {
+                match ev {
+                    Ok(WatchEvent::Added(p) | WatchEvent::Modified(p)) => self.last = p,
+                    Ok(WatchEvent::Deleted(_)) => return Some(self.last),
+                    Ok(WatchEvent::Bookmark(_)) => {}
+                    Ok(WatchEvent::Error(e)) => panic!("watching pod {name}: {e:?}"),
+                    Err(e) => panic!("watching pod {name}: {e}"),
+                }
+            }
+            None
+        };
+        match tokio::time::timeout(timeout, follow).await {
+            Ok(Some(p)) => p,
+            Ok(None) => panic!("the watch of pod {name} ended before it was deleted"),
+            Err(_) => panic!("pod {name} was not deleted within {timeout:?}"),
+        }
     }
 }
 
