@@ -186,6 +186,9 @@ impl AdoClient {
         let http = tls::http_client_builder()?
             .timeout(config.request_timeout)
             .connect_timeout(config.request_timeout.min(Duration::from_secs(10)))
+            // Never follow a redirect with the token: ADO redirects unaccepted credentials to a
+            // sign-in page, which is an authentication failure, not an answer.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| AdoError::Config {
                 field: "https client",
@@ -536,7 +539,8 @@ impl AdoClient {
             Ok(b) => b.to_vec(),
             Err(e) => return (Some(status), Err(self.transport_error(endpoint, &e))),
         };
-        if status.is_success() {
+        // ADO answers a credential it does not accept with 203 and a sign-in page, not only 401.
+        if status.is_success() && status != StatusCode::NON_AUTHORITATIVE_INFORMATION {
             return (Some(status), Ok(Answer { status, body }));
         }
         let err = self.status_error(endpoint, status, &headers, &body, state.retry_after);
@@ -581,6 +585,22 @@ impl AdoClient {
                 endpoint,
                 detail,
             },
+            s @ (203 | 300..=399) => {
+                let location = headers
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|l| format!(" to {}", excerpt(l.split('?').next().unwrap_or(l), 120)))
+                    .unwrap_or_default();
+                AdoError::Unauthorized {
+                    identity: identity(),
+                    organization: organization(),
+                    endpoint,
+                    detail: format!(
+                        "HTTP {s}{location}: a sign-in page or redirect instead of an API answer, \
+                         so the credentials were not accepted"
+                    ),
+                }
+            }
             403 => AdoError::Forbidden {
                 identity: identity(),
                 organization: organization(),
@@ -887,6 +907,62 @@ mod tests {
             "no details in the answer"
         );
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+
+    #[test]
+    fn sign_in_pages_and_redirects_are_unauthorized() {
+        let client = AdoClient::new(
+            "https://dev.azure.com/contoso",
+            TokenSource::pat_file("/pat"),
+        )
+        .unwrap();
+        let html = b"<html><body>Sign in</body></html>";
+        let e = client.status_error(
+            "pools",
+            StatusCode::NON_AUTHORITATIVE_INFORMATION,
+            &HeaderMap::new(),
+            html,
+            None,
+        );
+        assert_eq!(e.metric_label(), "ado_unauthorized");
+        assert!(e.to_string().contains("HTTP 203"), "{e}");
+        let mut h = HeaderMap::new();
+        h.insert(
+            reqwest::header::LOCATION,
+            reqwest::header::HeaderValue::from_static(
+                "https://spsprodweu5.vssps.visualstudio.com/_signin?realm=x&token=y",
+            ),
+        );
+        let e = client.status_error("pools", StatusCode::FOUND, &h, b"", None);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("HTTP 302 to https://spsprodweu5.vssps.visualstudio.com/_signin"),
+            "{msg}"
+        );
+        assert!(
+            !msg.contains("token=y"),
+            "the query of the location is not repeated: {msg}"
+        );
+        let e = client.status_error("pools", StatusCode::CONFLICT, &HeaderMap::new(), b"", None);
+        assert_eq!(
+            (e.metric_label(), e.status()),
+            ("ado_unexpected_status", Some(409))
+        );
+        let e = client.status_error(
+            "pools",
+            StatusCode::TOO_MANY_REQUESTS,
+            &HeaderMap::new(),
+            b"",
+            None,
+        );
+        assert_eq!(
+            e.retry_after(),
+            Some(AdoClientConfig::default().throttle_default)
+        );
+        assert!(
+            client.retry_after_remaining() > Duration::ZERO,
+            "a 429 without Retry-After still holds calls"
+        );
     }
 
     #[test]
