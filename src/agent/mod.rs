@@ -30,8 +30,29 @@
 //!    result is read from the listener's console line `Job <name> completed with result: <Result>` (the
 //!    official agent prints it; its own exit code is 0 whatever the job's result).
 //! 7. **Environment hygiene**: the agent's processes do not get `AZURE_*`, `AZP_*`, `VSTS_AGENT_INPUT_*`
-//!    or the token at all (see [`env`]); `agent.disableupdate=true` stops self-update (the agent is baked
+//!    or the token at all (see [`mod@env`]); `agent.disableupdate=true` stops self-update (the agent is baked
 //!    into the image). Limit: the federated token *file* stays readable by job steps in this design.
+//!
+//! # Settings
+//!
+//! | variable | flag | default | meaning |
+//! |---|---|---|---|
+//! | `AZP_URL` | `--url` | required | organization (or collection) URL |
+//! | `AZP_POOL` | `--pool` | required | ADO agent pool name |
+//! | `AZP_AGENT_NAME` | `--agent-name` | required | agent name, unique across clusters (set by the controller) |
+//! | `AZP_CAPABILITIES` | `--capabilities` | none | JSON object of capabilities, exported into the agent's environment (set by the controller) |
+//! | `AZP_WORK` | `--work` | `_work` | work folder (relative: inside the agent folder) |
+//! | `AZP_AGENT_DIR` | `--agent-dir` | working directory | folder holding `config.sh` and `bin/Agent.Listener` |
+//! | `AZP_AUTH` | `--auth` | `workload-identity` | or `pat` (Azure DevOps Server), with `AZP_PAT_FILE` / `--pat-file` |
+//! | `AZP_EXIT_WITH_JOB_RESULT` | `--exit-with-job-result` | `false` | exit 20/21/22 when the pipeline job failed / was canceled / other |
+//! | `AZP_REGISTER_TIMEOUT_SECONDS` | `--register-timeout` | 300 | registration budget, retries included |
+//! | `AZP_LISTENER_GRACE_SECONDS` | `--listener-grace` | 45 | time the listener gets to cancel after SIGTERM |
+//! | `AZP_DEREGISTER_TIMEOUT_SECONDS` | `--deregister-timeout` | 30 | deregistration budget, retries included |
+//! | `AZP_LOG_FORMAT` | `--log-format` | `text` | or `json`; the filter is `RUST_LOG` (default `info`) |
+//!
+//! Workload identity reads `AZURE_CLIENT_ID`, `AZURE_TENANT_ID`, `AZURE_FEDERATED_TOKEN_FILE` and
+//! `AZURE_AUTHORITY_HOST`, which the workload-identity webhook injects into pods labelled
+//! `azure.workload.identity/use: "true"`; extra CAs come from `SSL_CERT_FILE` / `SSL_CERT_DIR`.
 //!
 //! # Pod termination budget
 //!
@@ -70,7 +91,7 @@ use crate::ado::TokenSource;
 /// problem (clap would stop at the first).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct AgentArgs {
-    /// Organization URL, e.g. https://dev.azure.com/contoso (or an Azure DevOps Server collection URL).
+    /// Organization URL, e.g. `https://dev.azure.com/contoso` (or an Azure DevOps Server collection URL).
     #[arg(long, env = "AZP_URL", hide_env_values = true)]
     pub url: Option<String>,
 
