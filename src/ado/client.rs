@@ -212,6 +212,11 @@ impl AdoClient {
         &self.inner.organization_text
     }
 
+    /// Who the client calls as, for messages (e.g. `workload identity <client id>`).
+    pub fn identity(&self) -> String {
+        self.inner.tokens.identity()
+    }
+
     /// The token source (the agent entrypoint takes its `fresh_token` from here).
     pub fn tokens(&self) -> &TokenSource {
         &self.inner.tokens
