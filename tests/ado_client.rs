@@ -539,8 +539,7 @@ async fn a_rejected_token_is_unauthorized_and_the_observer_sees_every_call() {
 #[tokio::test]
 async fn pat_mode_sends_basic_from_a_file_with_a_trailing_newline() {
     let bed = Bed::start().await;
-    let dir = support::temp_dir("pat");
-    let path = dir.join("pat");
+    let path = bed.scratch("pat");
     std::fs::write(&path, "pat-value-1234\n").unwrap();
     bed.sim
         .add_pat(&bed.org, "pat-value-1234", &bed.object_id)
@@ -600,7 +599,7 @@ impl WorkloadIdentityBed {
                 .object_id(&bed.object_id)
                 .federated_sa(&issuer.issuer, "ci", "agents"),
         );
-        let token_file = support::temp_dir("wi").join("token");
+        let token_file = bed.scratch("federated-token");
         Self {
             bed,
             issuer,
@@ -840,17 +839,22 @@ mod support {
         })
     }
 
-    pub fn temp_dir(what: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("azp-ado-{what}-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        dir
-    }
-
     pub struct Bed {
         pub sim: Simulator,
         pub org: String,
         pub client_id: String,
         pub object_id: String,
+        /// This test's files (token files), removed with the bed.
+        scratch: PathBuf,
+        /// This simulator's CA in the shared CA folder, removed with the bed.
+        ca_copy: PathBuf,
+    }
+
+    impl Drop for Bed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.scratch);
+            let _ = std::fs::remove_file(&self.ca_copy);
+        }
     }
 
     impl Bed {
@@ -862,7 +866,11 @@ mod support {
             let dir = ca_dir();
             let sim = Simulator::start(config).await.expect("simulator starts");
             let ca = sim.ca_pem_path().expect("HTTPS simulator");
-            std::fs::copy(ca, dir.join(format!("{}.pem", uuid::Uuid::new_v4()))).expect("copy CA");
+            let ca_copy = dir.join(format!("{}.pem", uuid::Uuid::new_v4()));
+            std::fs::copy(ca, &ca_copy).expect("copy CA");
+            let scratch =
+                std::env::temp_dir().join(format!("azp-ado-test-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir_all(&scratch).expect("create scratch folder");
             let client_id = uuid::Uuid::new_v4().to_string();
             let object_id = uuid::Uuid::new_v4().to_string();
             sim.add_identity(IdentitySpec::new(&client_id).object_id(&object_id));
@@ -873,7 +881,14 @@ mod support {
                 org: "contoso".to_owned(),
                 client_id,
                 object_id,
+                scratch,
+                ca_copy,
             }
+        }
+
+        /// A path for a file of this test, inside its scratch folder.
+        pub fn scratch(&self, name: &str) -> PathBuf {
+            self.scratch.join(name)
         }
 
         pub fn pool_id(&self) -> u32 {
