@@ -578,3 +578,35 @@ async fn missing_settings_are_listed_at_once_with_exit_10() {
         assert!(stderr.contains(name), "{name} not named: {stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_without_workload_identity_or_with_a_bad_ca_bundle_is_explained() {
+    let bed = Bed::start().await;
+    // A pod not labelled for workload identity: no AZURE_* variables at all.
+    let mut cmd = bed.command(&[]);
+    for var in [
+        "AZURE_CLIENT_ID",
+        "AZURE_TENANT_ID",
+        "AZURE_AUTHORITY_HOST",
+        "AZURE_FEDERATED_TOKEN_FILE",
+    ] {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().await.expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(11), "{stderr}");
+    assert!(
+        stderr.contains("AZURE_CLIENT_ID") && stderr.contains("azure.workload.identity/use"),
+        "{stderr}"
+    );
+
+    // SSL_CERT_FILE names a file that does not exist: a configuration error naming the variable.
+    let finished = bed.run(&[("SSL_CERT_FILE", "/nonexistent/ca.pem")]).await;
+    assert_eq!(finished.code, Some(10));
+    assert!(
+        finished.stderr.contains("SSL_CERT_FILE"),
+        "{}",
+        finished.stderr
+    );
+    assert!(bed.agents().is_empty());
+}

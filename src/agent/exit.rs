@@ -10,7 +10,7 @@ use std::fmt;
 /// | code | variant | meaning |
 /// |---:|---|---|
 /// | 0 | [`Exit::Success`] | the agent ran its job (or was told to stop, or was removed by the controller, before taking one) and is gone from the pool |
-/// | 10 | [`Exit::Config`] | a setting is missing or malformed (the message lists every one); nothing was registered |
+/// | 10 | [`Exit::Config`] | a setting is missing or malformed (the message lists every one), or the CA bundle of `SSL_CERT_FILE` / `SSL_CERT_DIR` is unusable; nothing was registered |
 /// | 11 | [`Exit::Token`] | no Entra token / PAT for Azure DevOps (workload identity not set up, token file unreadable, federated credential rejected, identity not in the organization) |
 /// | 12 | [`Exit::Registration`] | `config.sh` could not register the agent (pool missing, no pool permission, `config.sh` exit 1, or exit 2 until the retry budget ran out) |
 /// | 13 | [`Exit::Agent`] | the listener could not start, crashed, or stopped with a non-zero code on its own |

@@ -226,7 +226,11 @@ async fn run(args: AgentArgs, term: Termination) -> Exit {
                     label = e.metric_label(),
                     "cannot set up workload identity: {e}"
                 );
-                return Exit::Token;
+                // An unusable CA bundle is local configuration; anything else is the identity setup.
+                return match e {
+                    crate::ado::AuthError::Tls(_) => Exit::Config,
+                    _ => Exit::Token,
+                };
             }
         },
         AuthMode::PatFile(path) => TokenSource::pat_file(path.clone()),

@@ -261,8 +261,10 @@ impl<'a, A: AdoOps> Runner<'a, A> {
                         }
                         continue;
                     }
+                    // A permanent failure that is not about the identity is the local setup (the CA bundle
+                    // of SSL_CERT_FILE / SSL_CERT_DIR): a configuration error.
                     let exit = if e.kind == OpsKind::Other && !e.transient {
-                        Exit::Registration
+                        Exit::Config
                     } else {
                         Exit::Token
                     };
