@@ -474,23 +474,27 @@ async fn prepare(shared: &Shared, pod: &Pod, layout: &PodLayout) -> Result<Prepa
         }
     }
 
-    // command/args with the image's ENTRYPOINT/CMD rules.
-    let (command, args): (Vec<String>, Vec<String>) = match (&container.command, &container.args) {
-        (Some(c), a) if !c.is_empty() => (c.clone(), a.clone().unwrap_or_default()),
-        (_, Some(a)) if !a.is_empty() => (
-            image.map(|i| i.entrypoint.clone()).unwrap_or_default(),
-            a.clone(),
-        ),
-        _ => (
-            image.map(|i| i.entrypoint.clone()).unwrap_or_default(),
-            image.map(|i| i.cmd.clone()).unwrap_or_default(),
-        ),
+    // command/args with the image's ENTRYPOINT/CMD rules; `$(VAR)` expansion and mount-path rewriting
+    // apply to what the pod spec gives, not to the image's own words (as in Kubernetes).
+    let from_pod = |words: &[String]| -> Vec<String> {
+        words
+            .iter()
+            .map(|a| plan.mounts.rewrite(&vars.expand(a)))
+            .collect()
     };
-    let argv: Vec<String> = command
-        .iter()
-        .chain(args.iter())
-        .map(|a| plan.mounts.rewrite(&vars.expand(a)))
-        .collect();
+    let entrypoint = image.map(|i| i.entrypoint.clone()).unwrap_or_default();
+    let argv: Vec<String> = match (&container.command, &container.args) {
+        (Some(c), a) if !c.is_empty() => {
+            let mut v = from_pod(c);
+            v.extend(from_pod(a.as_deref().unwrap_or_default()));
+            v
+        }
+        (_, Some(a)) if !a.is_empty() => entrypoint.into_iter().chain(from_pod(a)).collect(),
+        _ => entrypoint
+            .into_iter()
+            .chain(image.map(|i| i.cmd.clone()).unwrap_or_default())
+            .collect(),
+    };
     let cwd = match container
         .working_dir
         .as_deref()
