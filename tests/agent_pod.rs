@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use azp_testbed::bed::{AGENT_IMAGE, AGENT_SA, Bed, BedOptions, ORG, eventually};
-use azp_testbed::node::testing::{last_state_before_deletion, pod_phase, terminated};
+use azp_testbed::node::testing::{PodFollower, pod_phase, terminated};
 use azp_testbed::sim::RequestSpec;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
@@ -84,15 +84,11 @@ async fn deleting_a_busy_agent_pod_cancels_the_job_deregisters_and_exits_14() {
         .expect("request");
     assert!(r.receive_time.is_some(), "the job started: {r:?}");
 
-    let follow = tokio::spawn({
-        let pods = pods.clone();
-        async move { last_state_before_deletion(&pods, "agent-1", Duration::from_secs(120)).await }
-    });
-    tokio::task::yield_now().await;
+    let follow = PodFollower::start(&pods, "agent-1").await;
     pods.delete("agent-1", &DeleteParams::default())
         .await
         .expect("delete the pod");
-    let last = follow.await.expect("follower");
+    let last = follow.until_deleted(Duration::from_secs(120)).await;
 
     assert_eq!(pod_phase(&last), Some("Failed"), "{:?}", last.status);
     assert_eq!(
