@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use azp_testbed::sim::testing::TestIssuer;
 use azp_testbed::sim::{
-    AgentInfo, EndpointClass, Fault, FaultKind, IdentitySpec, OrgSpec, RequestSpec, SimConfig,
-    Simulator,
+    AgentInfo, EndpointClass, Fault, FaultKind, IdentitySpec, OrgSpec, PoolRole, RequestSpec,
+    SimConfig, Simulator,
 };
 use azp_testbed::standin;
 use nix::sys::signal::{Signal, kill};
@@ -606,6 +606,22 @@ async fn pod_without_workload_identity_or_with_a_bad_ca_bundle_is_explained() {
     assert!(
         finished.stderr.contains("SSL_CERT_FILE"),
         "{}",
+        finished.stderr
+    );
+    assert!(bed.agents().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_administrator_role_on_the_pool_exits_12_explaining_the_role() {
+    let bed = Bed::start().await;
+    bed.sim
+        .set_pool_role(ORG, POOL, &bed.object_id, PoolRole::Reader)
+        .expect("role");
+    let finished = bed.run(&[]).await;
+    assert_eq!(finished.code, Some(12));
+    assert!(
+        finished.stderr.contains("Administrator role"),
+        "explained: {}",
         finished.stderr
     );
     assert!(bed.agents().is_empty());

@@ -355,6 +355,13 @@ impl<'a, A: AdoOps> Runner<'a, A> {
                             (Exit::Token, format!("; cause: {e}"))
                         }
                         Some(e) => (Exit::Registration, format!("; cause: {e}")),
+                        None if looks_forbidden(&tail.lines()) => (
+                            Exit::Registration,
+                            format!(
+                                "; cause: the identity may read pool `{}` but not register agents in it (403): give it the Administrator role on the pool (Organization settings → Agent pools → {} → Security)",
+                                s.pool, s.pool
+                            ),
+                        ),
                         None => (Exit::Registration, String::new()),
                     };
                     return Err(RegisterStop::Failed(
@@ -555,6 +562,15 @@ impl<'a, A: AdoOps> Runner<'a, A> {
     }
 }
 
+/// Whether `config.sh`'s output says it was refused for lack of permission (HTTP 403, or the official
+/// agent's "Access denied … needs Manage permissions for pool …").
+fn looks_forbidden(lines: &[String]) -> bool {
+    lines.iter().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.contains(" 403") || l.contains("access denied") || l.contains("manage permissions")
+    })
+}
+
 fn agent_ref(f: AgentFile) -> AgentRef {
     AgentRef {
         pool_id: f.pool_id,
@@ -565,6 +581,21 @@ fn agent_ref(f: AgentFile) -> AgentRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recognizes_a_refusal_for_lack_of_permission() {
+        let lines = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(looks_forbidden(&lines(&[
+            "add agent: HTTP 403 (AccessDeniedException): no"
+        ])));
+        assert!(looks_forbidden(&lines(&[
+            "Access denied. x needs Manage permissions for pool linux to perform the action."
+        ])));
+        assert!(!looks_forbidden(&lines(&[
+            "Pool 'linux' not found",
+            "HTTP 401"
+        ])));
+    }
 
     #[test]
     fn backoff_grows_to_the_cap_with_jitter() {
