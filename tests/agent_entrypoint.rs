@@ -620,7 +620,9 @@ async fn no_administrator_role_on_the_pool_exits_12_explaining_the_role() {
     let finished = bed.run(&[]).await;
     assert_eq!(finished.code, Some(12));
     assert!(
-        finished.stderr.contains("Administrator role"),
+        finished
+            .stderr
+            .contains("may read pool `linux` but not register agents"),
         "explained: {}",
         finished.stderr
     );
