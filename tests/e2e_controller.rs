@@ -202,6 +202,39 @@ async fn no_request_with_two_unfinished_jobs(bed: &Bed) -> Result<(), String> {
     }
 }
 
+/// Records the agent name of every agent Job that appears in the namespace, from a watch.
+fn record_agent_jobs(
+    bed: &Bed,
+) -> (
+    std::sync::Arc<std::sync::Mutex<BTreeSet<String>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let api: Api<k8s_openapi::api::batch::v1::Job> =
+        Api::namespaced(bed.client.clone(), &bed.namespace);
+    let record = seen.clone();
+    let task = tokio::spawn(async move {
+        watcher(api, watcher::Config::default())
+            .touched_objects()
+            .for_each(|job| {
+                if let Ok(job) = job
+                    && let Some(agent) = job
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get("azp-autoscaler.dev/agent-name"))
+                {
+                    record.lock().expect("lock").insert(agent.clone());
+                }
+                async {}
+            })
+            .await;
+    });
+    (seen, task)
+}
+
 async fn unfinished_jobs(bed: &Bed, agentpool: &str) -> usize {
     bed.jobs()
         .await
@@ -428,6 +461,7 @@ async fn no_duplicate_agent_jobs_across_controller_restarts() {
     let mut opts = BedOptions::new("e2e-restart");
     opts.parallel_jobs = 20;
     let mut bed = Bed::start(opts).await.expect("bed");
+    let (seen_jobs, watch) = record_agent_jobs(&bed);
     bed.apply_agentpool(bed.agentpool("linux", "linux", 20))
         .await
         .expect("apply");
@@ -464,14 +498,9 @@ async fn no_duplicate_agent_jobs_across_controller_restarts() {
     assert!(done.values().all(|(r, _)| r == "succeeded"), "{done:?}");
     // No wasted agent: every agent Job ever created served exactly one of the requests (a duplicate made
     // across a restart would have served nothing, or been removed as surplus).
-    // Every agent Job any controller start created, from its log (a 409 logs nothing).
-    let job_agents: BTreeSet<String> = bed
-        .controller_logs()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["message"] == "agent Job created")
-        .filter_map(|v| v["agent"].as_str().map(str::to_owned))
-        .collect();
+    // Every agent Job that ever existed, as the watch saw it (a duplicate removed as surplus included).
+    let job_agents: BTreeSet<String> = seen_jobs.lock().expect("lock").clone();
+    watch.abort();
     let served: BTreeSet<String> = done.values().map(|(_, a)| a.clone()).collect();
     assert_eq!(
         job_agents, served,

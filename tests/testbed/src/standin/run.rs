@@ -415,9 +415,12 @@ async fn listen(listener: Arc<Listener>, once: bool, mut shutdown: watch::Receiv
             polled = next_message(&listener, &session_id, last_message_id) => match polled {
                 Ok(None) => {}
                 Ok(Some(message)) => {
-                    last_message_id = Some(message.id);
                     let delete = handle_message(&listener, &message, &mut job, &mut job_received, once);
                     if delete {
+                        // `lastMessageId` acknowledges too: never advance it past a message left for
+                        // another agent (a second job offered to a run-once agent), or the next poll
+                        // would take that job and then abandon it.
+                        last_message_id = Some(message.id);
                         delete_message(&listener, &session_id, message.id).await;
                     }
                 }
