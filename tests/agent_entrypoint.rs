@@ -516,7 +516,8 @@ async fn identity_not_in_the_organization_exits_11_naming_tf401444() {
     let finished = bed.run(&[]).await;
     assert_eq!(finished.code, Some(11));
     assert!(
-        finished.stderr.contains("TF401444"),
+        finished.stderr.contains("TF401444")
+            && finished.stderr.contains("Organization settings → Users"),
         "explained: {}",
         finished.stderr
     );
@@ -529,7 +530,9 @@ async fn a_missing_pool_exits_12_naming_the_pool() {
     let finished = bed.run(&[("AZP_POOL", "no-such-pool")]).await;
     assert_eq!(finished.code, Some(12));
     assert!(
-        finished.stderr.contains("no-such-pool"),
+        finished
+            .stderr
+            .contains("has no agent pool named `no-such-pool`"),
         "explained: {}",
         finished.stderr
     );
