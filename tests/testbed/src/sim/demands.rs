@@ -78,9 +78,11 @@ impl Demand {
         match self {
             Demand::Exists { .. } => true,
             Demand::Equals { value, .. } => have.eq_ignore_ascii_case(value),
+            // Despite its name, ADO's `-gtVersion` is a minimum version (DemandMinimumVersion):
+            // an agent of exactly that version satisfies it.
             Demand::GtVersion { version, .. } => {
                 match (parse_version(have), parse_version(version)) {
-                    (Some(h), Some(w)) => h > w,
+                    (Some(h), Some(w)) => h >= w,
                     _ => false,
                 }
             }
@@ -209,9 +211,10 @@ mod tests {
                 .satisfied_by(&c)
         );
         assert!(
-            !Demand::parse("Agent.Version -gtVersion 2.211")
+            Demand::parse("Agent.Version -gtVersion 2.211.0")
                 .unwrap()
-                .satisfied_by(&c)
+                .satisfied_by(&c),
+            "-gtVersion is a minimum: the same version satisfies it"
         );
         assert!(
             !Demand::parse("Agent.Version -gtVersion 3.0.0")
