@@ -18,7 +18,9 @@ pub enum TlsError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("CA bundle {path} (from {var}) holds no PEM certificate; it must contain `-----BEGIN CERTIFICATE-----` blocks")]
+    #[error(
+        "CA bundle {path} (from {var}) holds no PEM certificate; it must contain `-----BEGIN CERTIFICATE-----` blocks"
+    )]
     Empty { var: &'static str, path: PathBuf },
     #[error("cannot build an HTTPS client: {0}")]
     Client(String),
@@ -129,7 +131,10 @@ mod tests {
     fn unreadable_file_names_the_variable_and_path() {
         let err = extra_roots_from(Some("/nonexistent/ca.pem".into()), None).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("SSL_CERT_FILE") && msg.contains("/nonexistent/ca.pem"), "{msg}");
+        assert!(
+            msg.contains("SSL_CERT_FILE") && msg.contains("/nonexistent/ca.pem"),
+            "{msg}"
+        );
         assert_eq!(err.metric_label(), "tls_ca_unreadable");
     }
 
