@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use jiff::Timestamp;
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{DeleteParams, PostParams, PropagationPolicy};
 use kube::runtime::events::{Event, EventType};
@@ -15,7 +14,7 @@ use super::{Context, snapshot};
 use crate::ado::{AdoClient, AgentQuery, AgentUpdate};
 use crate::k8s::crd::AgentPool;
 use crate::k8s::job::{self, AgentJob};
-use crate::metrics::{CleanupLabels, ErrorLabels, Phase, PoolLabels};
+use crate::metrics::{CleanupLabels, ErrorLabels, PoolLabels};
 use crate::plan::{self, Action};
 
 /// Applies every action of the plan. Errors are counted and logged per action; one failed action never
@@ -26,7 +25,6 @@ pub(crate) async fn apply(
     pool_id: i32,
     plan: &plan::Plan,
     pools: &BTreeMap<plan::PoolRef, Arc<AgentPool>>,
-    ado_snapshot: &plan::AdoSnapshot,
 ) {
     let creates: Vec<Action> = plan
         .actions
@@ -34,17 +32,11 @@ pub(crate) async fn apply(
         .filter(|a| matches!(a, Action::CreateAgent { .. }))
         .cloned()
         .collect();
-    let queued: BTreeMap<plan::RequestId, Timestamp> = ado_snapshot
-        .requests
-        .iter()
-        .filter_map(|r| Some((r.id, r.queue_time?)))
-        .collect();
-    let queued = &queued;
     let results: Vec<(plan::PoolRef, Result<bool, String>)> = futures::stream::iter(creates)
         .map(|action: Action| async move {
             let pool_ref = action.agent_pool().clone();
             let result = match pools.get(&pool_ref) {
-                Some(pool) => create(ctx, pool, &action, &plan.ado_pool, queued).await,
+                Some(pool) => create(ctx, pool, &action, &plan.ado_pool).await,
                 None => Err(format!("AgentPool {pool_ref} vanished")),
             };
             (pool_ref, result)
@@ -151,7 +143,6 @@ async fn create(
     pool: &AgentPool,
     action: &Action,
     ado_pool: &str,
-    queued: &BTreeMap<plan::RequestId, Timestamp>,
 ) -> Result<bool, String> {
     let Action::CreateAgent {
         agent_pool,
@@ -186,13 +177,6 @@ async fn create(
                 ado_pool: ado_pool.to_owned(),
             };
             ctx.metrics.jobs_created.get_or_create(&labels).inc();
-            if let Some(queued) = for_request.and_then(|r| queued.get(&r)) {
-                let waited = Timestamp::now().duration_since(*queued);
-                if let Ok(waited) = std::time::Duration::try_from(waited) {
-                    ctx.metrics
-                        .observe_phase(&labels, Phase::job_created, waited);
-                }
-            }
             Ok(true)
         }
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),

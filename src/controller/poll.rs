@@ -71,6 +71,8 @@ struct GroupState {
     placeholders: HashMap<plan::PoolRef, (Option<i64>, i32)>,
     /// Requests already logged as capped / unservable (logged once per request).
     reported: HashSet<(plan::RequestId, &'static str)>,
+    /// Requests whose time to agent is already recorded (each once).
+    timed: HashSet<plan::RequestId>,
 }
 
 /// Polls one group until no AgentPool belongs to it any more.
@@ -221,11 +223,12 @@ async fn poll_once(
     let plan = plan::plan(&ado_snapshot, &cluster, &specs, Timestamp::now());
 
     report_blocked(ctx, key, &plan, state);
+    record_timings(ctx, &valid, &requests, &ado_pool_name, state);
     let by_ref: BTreeMap<plan::PoolRef, Arc<AgentPool>> = valid
         .iter()
         .filter_map(|p| Some((snapshot::pool_ref(p)?, p.clone())))
         .collect();
-    apply::apply(ctx, &ado, pool_id, &plan, &by_ref, &ado_snapshot).await;
+    apply::apply(ctx, &ado, pool_id, &plan, &by_ref).await;
     for (pool_ref, pool) in &by_ref {
         if let Some(summary) = plan.pool(pool_ref) {
             status::polled(ctx, pool, &ado_pool_name, pool_id, summary).await;
@@ -300,6 +303,63 @@ fn cluster_snapshot(
         &pod_refs,
         &snapshot::AgentsSeen::from_agents(agents),
     )
+}
+
+/// Time to agent by phase and queue wait, once per request an agent of ours received.
+fn record_timings(
+    ctx: &Context,
+    members: &[Arc<AgentPool>],
+    requests: &[crate::ado::TaskAgentJobRequest],
+    ado_pool: &str,
+    state: &mut GroupState,
+) {
+    let names: HashSet<(String, String)> = members
+        .iter()
+        .filter_map(|p| Some((p.metadata.namespace.clone()?, p.metadata.name.clone()?)))
+        .collect();
+    let jobs = ctx.jobs.state();
+    let pods = ctx.pods.state();
+    let job_refs: Vec<&Job> = jobs
+        .iter()
+        .map(|j| j.as_ref())
+        .filter(|j| {
+            let ns = j.metadata.namespace.clone().unwrap_or_default();
+            j.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_AGENTPOOL))
+                .is_some_and(|n| names.contains(&(ns, n.clone())))
+        })
+        .collect();
+    let pod_refs: Vec<&Pod> = pods.iter().map(|p| p.as_ref()).collect();
+    let fresh: Vec<&crate::ado::TaskAgentJobRequest> = requests
+        .iter()
+        .filter(|r| r.receive_time.is_some() && !state.timed.contains(&r.request_id))
+        .collect();
+    if fresh.is_empty() {
+        return;
+    }
+    let fresh_owned: Vec<crate::ado::TaskAgentJobRequest> = fresh.into_iter().cloned().collect();
+    for t in snapshot::request_timings(&fresh_owned, &state.agents, &job_refs, &pod_refs) {
+        state.timed.insert(t.request);
+        let labels = crate::metrics::PoolLabels {
+            namespace: t.agent_pool.namespace.clone(),
+            agentpool: t.agent_pool.name.clone(),
+            ado_pool: ado_pool.to_owned(),
+        };
+        for (phase, d) in &t.phases {
+            ctx.metrics.observe_phase(&labels, *phase, *d);
+            if *phase == crate::metrics::Phase::request_received {
+                ctx.metrics
+                    .queue_wait
+                    .get_or_create(&labels)
+                    .observe(d.as_secs_f64());
+            }
+        }
+    }
+    // Forget requests ADO no longer lists (finished): the set stays as small as the queue.
+    let listed: HashSet<plan::RequestId> = requests.iter().map(|r| r.request_id).collect();
+    state.timed.retain(|r| listed.contains(r));
 }
 
 /// Capped and unservable requests: visible in a log line once per request, never silently dropped.

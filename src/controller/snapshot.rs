@@ -469,3 +469,165 @@ mod tests {
         assert_eq!(p.slot_holders, vec![11, 12]);
     }
 }
+
+/// The phases of one request's time to agent, each measured from its queue time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestTimings {
+    /// The request.
+    pub request: plan::RequestId,
+    /// The AgentPool of the agent that received it.
+    pub agent_pool: plan::PoolRef,
+    /// (phase, time since queued), for each phase whose time is known.
+    pub phases: Vec<(crate::metrics::Phase, std::time::Duration)>,
+}
+
+/// For every request that one of our agents has received: how long each phase of getting it an agent took
+/// (queued → Job created → pod running → agent registered → request received). Pure: computed from the
+/// snapshots, so the poll loop only records each request once.
+pub fn request_timings(
+    requests: &[TaskAgentJobRequest],
+    agents: &[TaskAgent],
+    jobs: &[&Job],
+    pods: &[&Pod],
+) -> Vec<RequestTimings> {
+    use crate::metrics::Phase;
+    let mut out = Vec::new();
+    for r in requests {
+        let (Some(queued), Some(received), Some(agent)) =
+            (r.queue_time, r.receive_time, r.reserved_agent.as_ref())
+        else {
+            continue;
+        };
+        let Some(job) = jobs.iter().find(|j| {
+            j.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_AGENT_NAME))
+                .is_some_and(|n| n.eq_ignore_ascii_case(&agent.name))
+        }) else {
+            continue; // not one of ours
+        };
+        let (Some(ns), Some(pool)) = (
+            job.metadata.namespace.clone(),
+            job.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_AGENTPOOL))
+                .cloned(),
+        ) else {
+            continue;
+        };
+        let since = |t: Timestamp| std::time::Duration::try_from(t.duration_since(queued)).ok();
+        let job_name = job.metadata.name.as_deref().unwrap_or_default();
+        let pod_running = pods
+            .iter()
+            .filter(|p| {
+                p.metadata.namespace.as_deref() == Some(ns.as_str())
+                    && p.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get("job-name"))
+                        .map(String::as_str)
+                        == Some(job_name)
+            })
+            .filter_map(|p| p.status.as_ref()?.start_time.as_ref().map(|t| t.0))
+            .min();
+        let registered = agents
+            .iter()
+            .find(|a| a.name.eq_ignore_ascii_case(&agent.name))
+            .and_then(|a| a.created_on);
+        let mut phases = Vec::new();
+        for (phase, at) in [
+            (
+                Phase::job_created,
+                job.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            ),
+            (Phase::pod_running, pod_running),
+            (Phase::agent_registered, registered),
+            (Phase::request_received, Some(received)),
+        ] {
+            if let Some(d) = at.and_then(since) {
+                phases.push((phase, d));
+            }
+        }
+        out.push(RequestTimings {
+            request: plan::RequestId::from(r.request_id),
+            agent_pool: plan::PoolRef::new(ns, pool),
+            phases,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod timing_tests {
+    use super::*;
+    use crate::metrics::Phase;
+    use k8s_openapi::api::core::v1::PodStatus;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+    use std::time::Duration;
+
+    #[test]
+    fn phases_are_measured_from_the_queue_time_for_our_agents_only() {
+        let requests: Vec<TaskAgentJobRequest> = serde_json::from_value(serde_json::json!([
+            {"requestId": 1, "queueTime": "2026-11-26T10:00:00Z", "receiveTime": "2026-11-26T10:00:09Z",
+             "reservedAgent": {"id": 3, "name": "linux-1-1-abcd1234"}},
+            {"requestId": 2, "queueTime": "2026-11-26T10:00:00Z", "receiveTime": "2026-11-26T10:00:05Z",
+             "reservedAgent": {"id": 4, "name": "someone-elses-agent"}},
+            {"requestId": 3, "queueTime": "2026-11-26T10:00:00Z"}
+        ]))
+        .unwrap();
+        let agents: Vec<TaskAgent> = serde_json::from_value(serde_json::json!([
+            {"id": 3, "name": "linux-1-1-abcd1234", "createdOn": "2026-11-26T10:00:07Z"}
+        ]))
+        .unwrap();
+        let job = Job {
+            metadata: ObjectMeta {
+                name: Some("linux-1-1".into()),
+                namespace: Some("ci".into()),
+                labels: Some(BTreeMap::from([(
+                    LABEL_AGENTPOOL.to_owned(),
+                    "linux".to_owned(),
+                )])),
+                annotations: Some(BTreeMap::from([(
+                    ANNOTATION_AGENT_NAME.to_owned(),
+                    "linux-1-1-abcd1234".to_owned(),
+                )])),
+                creation_timestamp: Some(Time("2026-11-26T10:00:02Z".parse().unwrap())),
+                ..ObjectMeta::default()
+            },
+            ..Job::default()
+        };
+        let pod = Pod {
+            metadata: ObjectMeta {
+                namespace: Some("ci".into()),
+                labels: Some(BTreeMap::from([(
+                    "job-name".to_owned(),
+                    "linux-1-1".to_owned(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            status: Some(PodStatus {
+                start_time: Some(Time("2026-11-26T10:00:03Z".parse().unwrap())),
+                ..PodStatus::default()
+            }),
+            ..Pod::default()
+        };
+        let t = request_timings(&requests, &agents, &[&job], &[&pod]);
+        assert_eq!(
+            t.len(),
+            1,
+            "only the received request served by our agent: {t:?}"
+        );
+        assert_eq!(t[0].request, 1);
+        assert_eq!(
+            t[0].phases,
+            vec![
+                (Phase::job_created, Duration::from_secs(2)),
+                (Phase::pod_running, Duration::from_secs(3)),
+                (Phase::agent_registered, Duration::from_secs(7)),
+                (Phase::request_received, Duration::from_secs(9)),
+            ]
+        );
+    }
+}
