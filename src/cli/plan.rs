@@ -234,11 +234,7 @@ async fn read_cluster(
             .is_some_and(|n| names.contains(&(ns, n.clone())))
     };
     let pod_refs: Vec<&Pod> = pods.iter().filter(|p| ours(&p.metadata)).collect();
-    snapshot::cluster_snapshot(
-        jobs.iter().filter(|j| ours(&j.metadata)),
-        &pod_refs,
-        seen,
-    )
+    snapshot::cluster_snapshot(jobs.iter().filter(|j| ours(&j.metadata)), &pod_refs, seen)
 }
 
 fn text(report: &plan::PlanReport) -> String {
