@@ -56,6 +56,8 @@ pub struct Config {
     pub create_concurrency: usize,
     /// Name of this replica, for Events.
     pub instance: String,
+    /// Wakes every poll task at once (shared with the service-hook endpoint).
+    pub wake: Arc<Notify>,
 }
 
 impl Default for Config {
@@ -68,6 +70,7 @@ impl Default for Config {
             usage_every: Duration::from_secs(60),
             create_concurrency: 32,
             instance: std::env::var("POD_NAME").unwrap_or_else(|_| "azp-autoscaler".to_owned()),
+            wake: Arc::new(Notify::new()),
         }
     }
 }
@@ -112,7 +115,7 @@ pub(crate) struct Context {
     pub metrics: Metrics,
     pub recorder: Recorder,
     /// Wakes every poll task at once (e.g. a service hook); polling goes on regardless.
-    pub wake: Notify,
+    pub wake: Arc<Notify>,
 }
 
 /// Which AgentPools are planned together.
@@ -289,6 +292,7 @@ pub async fn run(client: Client, config: Config, metrics: Metrics) -> Result<(),
             instance: Some(config.instance.clone()),
         },
     );
+    let wake = config.wake.clone();
     let ctx = Arc::new(Context {
         client,
         config,
@@ -299,7 +303,7 @@ pub async fn run(client: Client, config: Config, metrics: Metrics) -> Result<(),
         ado,
         metrics,
         recorder,
-        wake: Notify::new(),
+        wake,
     });
     supervise(ctx).await;
     Ok(())

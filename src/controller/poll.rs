@@ -89,6 +89,11 @@ pub(crate) async fn run_group(ctx: Arc<Context>, key: GroupKey) {
             .min()
             .unwrap_or(5);
         let started = Instant::now();
+        // Registered before the poll: a wake-up (service hook) that arrives while this poll runs is kept
+        // and starts the next poll at once, instead of being lost until the next interval.
+        let woken = ctx.wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
         let mut slow_down = 1.0;
         match poll_once(&ctx, &key, &members, &mut state).await {
             Ok(factor) => slow_down = factor,
@@ -116,7 +121,7 @@ pub(crate) async fn run_group(ctx: Arc<Context>, key: GroupKey) {
         let wait = Duration::from_secs(u64::from(interval)).mul_f64(slow_down.max(1.0));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = ctx.wake.notified() => {}
+            _ = woken => {}
         }
     }
 }
