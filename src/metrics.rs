@@ -95,6 +95,12 @@ pub struct CleanupLabels {
     pub kind: &'static str,
 }
 
+/// Labels of service-hook requests (`accepted`, `unauthorized`, `rate_limited`, `malformed`, ...).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HookLabels {
+    pub outcome: &'static str,
+}
+
 fn wait_buckets() -> impl Iterator<Item = f64> {
     [
         0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0,
@@ -127,6 +133,8 @@ pub struct Metrics {
     pub ado_delay_seconds: Family<DelayLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     pub token_events: Family<TokenLabels, Counter>,
     pub leader: Gauge,
+    pub hook_requests: Family<HookLabels, Counter>,
+    pub hook_wakes: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -243,6 +251,18 @@ impl Metrics {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        let hook_requests = Family::<HookLabels, Counter>::default();
+        r.register(
+            "hook_requests",
+            "ADO service-hook requests by outcome",
+            hook_requests.clone(),
+        );
+        let hook_wakes = Counter::default();
+        r.register(
+            "hook_wakes",
+            "Immediate polls of every ADO pool woken by service hooks (coalesced)",
+            hook_wakes.clone(),
+        );
         Metrics {
             registry: Arc::new(r),
             requests,
@@ -261,6 +281,8 @@ impl Metrics {
             ado_delay_seconds,
             token_events,
             leader,
+            hook_requests,
+            hook_wakes,
         }
     }
 
