@@ -83,6 +83,10 @@ const CUSTOM_KINDS: [&str; 3] = ["AgentPool", "ServiceMonitor", "PrometheusRule"
 #[test]
 fn chart_lints_strict_with_every_values_file() {
     let chart_dir = chart::chart_dir();
+    // The defaults alone (no pools yet) are a valid chart too.
+    let out = chart::run_helm(["lint".as_ref(), "--strict".as_ref(), chart_dir.as_os_str()]);
+    let out = out.unwrap_or_else(|e| panic!("helm lint --strict with the defaults: {e}"));
+    assert!(out.contains("0 chart(s) failed"), "{out}");
     for values in ci_values() {
         let out = chart::run_helm([
             "lint".as_ref(),
@@ -178,6 +182,55 @@ fn first_difference(a: &serde_json::Value, b: &serde_json::Value, path: &str) ->
             .enumerate()
             .find_map(|(i, (l, r))| first_difference(l, r, &format!("{path}[{i}]"))),
         _ => (a != b).then(|| format!("{path}: {a} != {b}")),
+    }
+}
+
+#[test]
+fn the_controller_binary_accepts_the_deployments_arguments() {
+    // The flags the chart passes exist: the binary gets past argument parsing and stops only where it
+    // needs a cluster (a usage error exits 2 and names the argument).
+    let binary = azp_testbed::bed::bin_dir().join("azp-autoscaler");
+    for values in ci_values() {
+        let manifest = unwrap(chart::render(
+            "azp",
+            "azp-system",
+            &[values.as_path()],
+            None,
+        ));
+        let objects = unwrap(chart::objects(&manifest));
+        let deployment = chart::of_kind(&objects, "Deployment")[0];
+        let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+        let mut args: Vec<String> = container["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .map(|a| a.as_str().expect("string arg").to_owned())
+            .collect();
+        // Same flags, a port that is free here.
+        for a in &mut args {
+            if a.starts_with("--admin-addr=") {
+                *a = "--admin-addr=127.0.0.1:0".to_owned();
+            }
+        }
+        let out = Command::new(&binary)
+            .args(&args)
+            .env_clear()
+            .env("KUBECONFIG", "/nonexistent/kubeconfig")
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {}: {e} (run `cargo build --workspace --bins` first)",
+                    binary.display()
+                )
+            });
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() != Some(2) && stderr.contains("cannot reach the Kubernetes API"),
+            "{}: `azp-autoscaler {}` does not accept the chart's arguments: {}\n{stderr}",
+            values.display(),
+            args.join(" "),
+            out.status
+        );
     }
 }
 
