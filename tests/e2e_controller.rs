@@ -246,10 +246,9 @@ async fn unfinished_jobs(bed: &Bed, agentpool: &str) -> usize {
                 .as_ref()
                 .and_then(|l| l.get("azp-autoscaler.dev/agentpool"))
                 .is_some_and(|p| p == agentpool)
-                && !j
-                    .status
+                && j.status
                     .as_ref()
-                    .is_some_and(|s| s.succeeded.unwrap_or(0) + s.failed.unwrap_or(0) > 0)
+                    .is_none_or(|s| s.succeeded.unwrap_or(0) + s.failed.unwrap_or(0) == 0)
         })
         .count()
 }
@@ -378,7 +377,7 @@ async fn keda_7747_and_7878_cannot_happen_in_any_assignment_order() {
         AssignmentOrder::Random { seed: 7 },
     ] {
         let mut opts = BedOptions::new("e2e-keda");
-        opts.sim.assignment_order = order.clone();
+        opts.sim.assignment_order = order;
         let bed = Bed::start(opts).await.expect("bed");
         bed.apply_agentpool(bed.agentpool("linux", "linux", 10))
             .await
