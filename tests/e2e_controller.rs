@@ -576,6 +576,26 @@ async fn an_invalid_agentpool_is_rejected_with_a_message_naming_the_field() {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", bed.controller_logs()));
     assert!(status.contains("spec.agentContainer"), "{status}");
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(bed.client.clone(), &bed.namespace);
+    eventually(
+        "a Warning Event for the invalid template",
+        DEADLINE,
+        || async {
+            let list = events.list(&Default::default()).await.ok()?;
+            list.items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("InvalidTemplate")
+                        && e.type_.as_deref() == Some("Warning")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                            == Some("nocontainer")
+                })
+                .then_some(())
+        },
+    )
+    .await
+    .expect("event");
     bed.sim
         .queue(ORG, "linux", RequestSpec::new())
         .expect("queue");

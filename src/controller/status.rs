@@ -159,8 +159,25 @@ pub(crate) async fn polled(
     }
 }
 
-/// After a failed poll or an invalid spec: Ready=False, Degraded=True with the reason; counts kept.
+/// After a failed poll or an invalid spec: Ready=False, Degraded=True with the reason; counts kept. A
+/// Warning Event when the AgentPool becomes degraded or the reason changes (not on every failed poll).
 pub(crate) async fn degraded(ctx: &Context, pool: &AgentPool, reason: &str, message: &str) {
+    let already = pool.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == reason)
+    });
+    if !already {
+        super::apply::publish(
+            ctx,
+            pool,
+            kube::runtime::events::EventType::Warning,
+            reason,
+            "Poll",
+            message.to_owned(),
+        )
+        .await;
+    }
     let mut status = pool.status.clone().unwrap_or_default();
     status.observed_generation = pool.metadata.generation;
     status.conditions = vec![
