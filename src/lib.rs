@@ -5,6 +5,7 @@
 //! - [`ado`]: the Azure DevOps REST client, its models, authentication and rate limiting (no Kubernetes).
 //! - [`k8s`]: the `AgentPool` resource, agent Job building, watches, applying a plan, status (no ADO wire formats).
 //! - [`agent`]: the agent container entrypoint (token → register → run once → deregister).
+//! - [`hooks`]: the ADO service-hook endpoint (a wake-up hint for the polls, never a decision).
 //! - [`admin`], [`metrics`], [`telemetry`], [`tls`]: the thin shells around them.
 
 pub mod admin;
@@ -12,6 +13,7 @@ pub mod ado;
 pub mod agent;
 pub mod cli;
 pub mod controller;
+pub mod hooks;
 pub mod k8s;
 pub mod metrics;
 pub mod plan;

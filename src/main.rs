@@ -1,6 +1,8 @@
 //! `azp-autoscaler`: wiring only. Every subcommand's logic lives in the library; `anyhow` lives only here.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -49,6 +51,64 @@ struct ControllerArgs {
     /// Log format.
     #[arg(long, env = "AZP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
+    #[command(flatten)]
+    hooks: HookArgs,
+}
+
+/// The ADO service-hook endpoint (off unless `--hooks-addr` is set). Credentials come from files (a
+/// mounted Secret) or from `AZP_HOOKS_USERNAME`, `AZP_HOOKS_PASSWORD`, `AZP_HOOKS_TOKEN` (never argv).
+#[derive(Debug, clap::Args)]
+struct HookArgs {
+    /// Serve `POST /hooks/ado` on this address (its own port: expose only it, through an HTTPS Ingress).
+    #[arg(long, env = "AZP_HOOKS_ADDR")]
+    hooks_addr: Option<SocketAddr>,
+    /// File holding the Basic-auth username ADO sends (`basicAuthUsername` of the subscription).
+    #[arg(long, env = "AZP_HOOKS_USERNAME_FILE")]
+    hooks_username_file: Option<PathBuf>,
+    /// File holding the Basic-auth password (`basicAuthPassword`).
+    #[arg(long, env = "AZP_HOOKS_PASSWORD_FILE")]
+    hooks_password_file: Option<PathBuf>,
+    /// File holding the shared secret sent in `--hooks-token-header` (`httpHeaders` of the subscription).
+    #[arg(long, env = "AZP_HOOKS_TOKEN_FILE")]
+    hooks_token_file: Option<PathBuf>,
+    /// Header carrying the shared secret.
+    #[arg(long, env = "AZP_HOOKS_TOKEN_HEADER", default_value = azp_autoscaler::hooks::DEFAULT_TOKEN_HEADER)]
+    hooks_token_header: String,
+    /// Largest hook body accepted, in bytes.
+    #[arg(long, default_value_t = 256 * 1024)]
+    hooks_max_body_bytes: usize,
+    /// Hook requests admitted per second (all callers together).
+    #[arg(long, default_value_t = NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN))]
+    hooks_rate_per_second: NonZeroU32,
+    /// Hook requests admitted in a burst above the rate.
+    #[arg(long, default_value_t = NonZeroU32::new(100).unwrap_or(NonZeroU32::MIN))]
+    hooks_burst: NonZeroU32,
+    /// Hooks within this many milliseconds wake the polls once.
+    #[arg(long, default_value_t = 1000)]
+    hooks_min_wake_interval_ms: u64,
+}
+
+impl HookArgs {
+    fn settings(&self) -> Result<azp_autoscaler::hooks::Settings, azp_autoscaler::hooks::Error> {
+        use azp_autoscaler::hooks::{CredentialSources, Credentials, Settings};
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let credentials = Credentials::load(&CredentialSources {
+            username_file: self.hooks_username_file.clone(),
+            password_file: self.hooks_password_file.clone(),
+            token_file: self.hooks_token_file.clone(),
+            username: env("AZP_HOOKS_USERNAME"),
+            password: env("AZP_HOOKS_PASSWORD"),
+            token: env("AZP_HOOKS_TOKEN"),
+            token_header: self.hooks_token_header.clone(),
+        })?;
+        Ok(Settings {
+            max_body_bytes: self.hooks_max_body_bytes,
+            rate_per_second: self.hooks_rate_per_second,
+            burst: self.hooks_burst,
+            min_wake_interval: Duration::from_millis(self.hooks_min_wake_interval_ms),
+            ..Settings::new(credentials)
+        })
+    }
 }
 
 fn main() -> ExitCode {
@@ -110,8 +170,33 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         ..azp_autoscaler::controller::Config::default()
     };
     let metrics = azp_autoscaler::metrics::Metrics::new();
+    let hooks = match args.hooks.hooks_addr {
+        Some(addr) => {
+            let settings = args
+                .hooks
+                .settings()
+                .context("the service-hook endpoint is misconfigured")?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for service hooks on {addr}"))?;
+            Some(azp_autoscaler::hooks::serve(
+                listener,
+                settings,
+                config.wake.clone(),
+                metrics.clone(),
+            ))
+        }
+        None => None,
+    };
+    let hooks = async move {
+        match hooks {
+            Some(serve) => serve.await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         res = azp_autoscaler::controller::run(client, config, metrics) => res.context("controller failed")?,
+        res = hooks => res.context("the service-hook endpoint failed")?,
         _ = shutdown_signal() => tracing::info!("stopping on signal"),
     }
     Ok(())
