@@ -10,8 +10,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use azp_autoscaler::metrics::{
-    CallLabels, CleanupLabels, DelayLabels, ErrorLabels, Metrics, OrgLabels, Phase, PoolLabels,
-    PoolStateLabels, TokenLabels,
+    CallLabels, CleanupLabels, DelayLabels, ErrorLabels, HookLabels, Metrics, OrgLabels, Phase,
+    PoolLabels, PoolStateLabels, TokenLabels,
 };
 use azp_testbed::bed::{Bed, BedOptions, ORG, eventually};
 use azp_testbed::chart;
@@ -201,6 +201,12 @@ fn touched_metrics() -> Metrics {
         })
         .inc();
     m.leader.set(0);
+    m.hook_requests
+        .get_or_create(&HookLabels {
+            outcome: "accepted",
+        })
+        .inc();
+    m.hook_wakes.inc();
     m
 }
 
@@ -299,6 +305,7 @@ fn dashboard_is_importable_with_a_datasource_variable() {
         "token",
         "reconcile errors",
         "leader",
+        "service hooks",
     ] {
         assert!(
             titles.iter().any(|t| t.contains(wanted)),
@@ -545,8 +552,9 @@ fn which(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Metrics the controller registers but never observes yet (no code path records them): their panels
-/// cannot have data in any workload. Each entry names why; remove it when the controller records it.
+/// Metrics the controller registers but does not record yet (no code path observes them): their panels
+/// cannot have data. Each entry names why. An entry excuses a panel only while the controller exposes no
+/// series of that metric; remove it when the controller records it.
 const NOT_YET_RECORDED: [(&str, &str); 2] = [
     (
         "azp_autoscaler_token_events",
@@ -582,6 +590,20 @@ async fn wait_finished(bed: &Bed, ids: &[u64]) {
 async fn real_prometheus_scrapes_the_controller_and_every_panel_has_data() {
     let mut options = BedOptions::new("e2e-dash");
     options.ado_pools = vec!["linux".to_owned(), "other".to_owned()];
+    // The service-hook endpoint on, with a header token from a file (as the chart mounts it).
+    let hooks_dir =
+        std::env::temp_dir().join(format!("azp-dash-hooks-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&hooks_dir).expect("hooks dir");
+    let hook_token = uuid::Uuid::new_v4().simple().to_string();
+    std::fs::write(hooks_dir.join("token"), &hook_token).expect("hook token");
+    let hooks_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    options.controller_args.extend([
+        format!("--hooks-addr=127.0.0.1:{hooks_port}"),
+        format!("--hooks-token-file={}", hooks_dir.join("token").display()),
+    ]);
     let bed = Bed::start(options).await.expect("bed");
     let prometheus = Prometheus::start(&bed.admin_addr, &chart_alert_rules()).await;
 
@@ -690,6 +712,39 @@ async fn real_prometheus_scrapes_the_controller_and_every_panel_has_data() {
     )
     .await;
 
+    // ADO's service hook for a waiting job wakes the polls; a call without the token is refused.
+    let hook_url = format!("http://127.0.0.1:{hooks_port}/hooks/ado");
+    let event = serde_json::json!({
+        "eventType": "ms.vss-pipelines.job-state-changed-event",
+        "publisherId": "pipelines",
+        "resource": {"job": {"state": "waiting"}},
+    });
+    let http = reqwest::Client::new();
+    let accepted = http
+        .post(&hook_url)
+        .header(azp_autoscaler::hooks::DEFAULT_TOKEN_HEADER, &hook_token)
+        .json(&event)
+        .send()
+        .await
+        .expect("hook call");
+    assert!(
+        accepted.status().is_success(),
+        "hook with the token: {}",
+        accepted.status()
+    );
+    let refused = http
+        .post(&hook_url)
+        .json(&event)
+        .send()
+        .await
+        .expect("hook call");
+    assert_eq!(
+        refused.status(),
+        reqwest::StatusCode::UNAUTHORIZED,
+        "hook without the token"
+    );
+    let _ = std::fs::remove_dir_all(&hooks_dir);
+
     let second: Vec<u64> = (0..2)
         .map(|_| {
             bed.sim
@@ -725,10 +780,14 @@ async fn real_prometheus_scrapes_the_controller_and_every_panel_has_data() {
     // Every panel query returns data (the variables set to this bed's namespace and All).
     let values = BTreeMap::from([("namespace", bed.namespace.clone())]);
     let queries = panel_queries(&dashboard());
+    // A panel is excused only while the controller has no series of its metric at all: once the metric
+    // is recorded, its panels must have data like every other.
     let not_recorded = |q: &PanelQuery| {
         NOT_YET_RECORDED
             .iter()
-            .find(|(metric, _)| q.expr.contains(metric))
+            .find(|(metric, _)| {
+                q.expr.contains(metric) && !live.iter().any(|n| n.starts_with(metric))
+            })
             .map(|(_, why)| *why)
     };
     let without_data = |last: bool| {
@@ -765,9 +824,7 @@ async fn real_prometheus_scrapes_the_controller_and_every_panel_has_data() {
     }
     for (metric, _) in NOT_YET_RECORDED {
         if live.iter().any(|n| n.starts_with(metric)) {
-            problems.push(format!(
-                "{metric} is recorded now: remove it from NOT_YET_RECORDED so its panels must have data"
-            ));
+            eprintln!("{metric} is recorded now: remove it from NOT_YET_RECORDED");
         }
     }
     if !noted.is_empty() {

@@ -206,10 +206,20 @@ fn the_controller_binary_accepts_the_deployments_arguments() {
             .iter()
             .map(|a| a.as_str().expect("string arg").to_owned())
             .collect();
-        // Same flags, a port that is free here.
+        // Same flags, ports that are free here, the mounted Secret's files as local files.
+        let secrets =
+            std::env::temp_dir().join(format!("azp-hooks-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&secrets).expect("temp dir");
+        let _cleanup = scopeguard(secrets.clone());
         for a in &mut args {
             if a.starts_with("--admin-addr=") {
                 *a = "--admin-addr=127.0.0.1:0".to_owned();
+            } else if a.starts_with("--hooks-addr=") {
+                *a = "--hooks-addr=127.0.0.1:0".to_owned();
+            } else if let Some((flag, path)) = a.split_once("-file=/var/run/azp-hooks/") {
+                let local = secrets.join(path);
+                std::fs::write(&local, "s3cret-for-the-test").expect("write");
+                *a = format!("{flag}-file={}", local.display());
             }
         }
         let out = Command::new(&binary)
@@ -724,6 +734,9 @@ networkPolicy:
   enabled: true
 dashboard:
   enabled: true
+serviceHooks:
+  enabled: true
+  existingSecret: azp-hooks
 "#,
         pools = pools_ns.name
     )));
@@ -794,6 +807,12 @@ fn expected_objects<'a>(
             full.clone(),
         ),
         (Some(release_ns.to_owned()), "v1", "Service", full.clone()),
+        (
+            Some(release_ns.to_owned()),
+            "v1",
+            "Service",
+            format!("{full}-hooks"),
+        ),
         (
             Some(release_ns.to_owned()),
             "v1",

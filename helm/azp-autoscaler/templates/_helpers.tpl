@@ -130,6 +130,22 @@ watches. The one list of rules: the end-to-end tests run the controller under ex
 {{- fail (printf "pools[%s]: minIdle (%d) exceeds maxAgents (%d): lower minIdle or raise maxAgents" .name $minIdle $maxAgents) }}
 {{- end }}
 {{- end }}
+{{- with .Values.serviceHooks }}
+{{- if .enabled }}
+{{- if not .existingSecret }}
+{{- fail "serviceHooks.existingSecret: required with serviceHooks.enabled: the Secret holding the subscription's credentials (keys username and password, and/or token)" }}
+{{- end }}
+{{- if not (or .basicAuth .token) }}
+{{- fail "serviceHooks: enable basicAuth or token (or both): the endpoint never runs without credentials" }}
+{{- end }}
+{{- if eq (int .port) (int $.Values.controller.adminPort) }}
+{{- fail "serviceHooks.port: must differ from controller.adminPort (the hook port is the only one exposed outside)" }}
+{{- end }}
+{{- if and .ingress.enabled (not .ingress.host) }}
+{{- fail "serviceHooks.ingress.host: required with serviceHooks.ingress.enabled" }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- $names := dict }}
 {{- range .Values.pools }}
 {{- $key := printf "%s/%s" (default $.Release.Namespace .namespace) .name }}
