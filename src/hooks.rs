@@ -394,10 +394,13 @@ fn clip(value: Option<String>) -> Option<String> {
 
 /// Parses a service-hook body. Total: any input gives `Ok` or a [`Rejection`], never a panic.
 pub fn parse(body: &[u8]) -> Result<JobStateChanged, Rejection> {
-    let envelope: Envelope = serde_json::from_slice(body).map_err(|e| {
-        // serde_json's message names the line and column, never echoes the input.
-        Rejection::Malformed(e.to_string())
-    })?;
+    // Two passes: the whole body must be valid JSON (skipped members are otherwise walked leniently: a bad
+    // escape in an ignored string would pass), nested at most 128 deep; then the fields we read, whose
+    // errors name the line and column. serde_json's messages never echo the input.
+    serde_json::from_slice::<serde_json::Value>(body)
+        .map_err(|e| Rejection::Malformed(e.to_string()))?;
+    let envelope: Envelope =
+        serde_json::from_slice(body).map_err(|e| Rejection::Malformed(e.to_string()))?;
     let event_type = envelope.event_type.ok_or(Rejection::MissingEventType)?;
     if event_type != EVENT_TYPE {
         return Err(Rejection::UnknownEvent(
@@ -742,22 +745,20 @@ mod tests {
     }
 
     #[test]
-    fn deep_nesting_neither_overflows_the_stack_nor_matters() {
+    fn deep_nesting_and_bad_escapes_anywhere_are_malformed() {
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-        // Skipped values are walked without recursion: accepted, as any unknown field.
-        let ignored = format!(r#"{{"eventType":"{EVENT_TYPE}","x":{deep}}}"#);
-        assert!(parse(ignored.as_bytes()).is_ok());
-        // Where a field is read, nesting is a type error.
-        let read = format!(r#"{{"eventType":"{EVENT_TYPE}","resource":{{"job":{deep}}}}}"#);
-        assert!(matches!(
-            parse(read.as_bytes()),
-            Err(Rejection::Malformed(_))
-        ));
-        let unclosed = "[".repeat(100_000);
-        assert!(matches!(
-            parse(unclosed.as_bytes()),
-            Err(Rejection::Malformed(_))
-        ));
+        for body in [
+            format!(r#"{{"eventType":"{EVENT_TYPE}","x":{deep}}}"#),
+            format!(r#"{{"eventType":"{EVENT_TYPE}","resource":{{"job":{deep}}}}}"#),
+            "[".repeat(100_000),
+            format!(r#"{{"eventType":"{EVENT_TYPE}","x":"\ud800"}}"#),
+        ] {
+            assert!(
+                matches!(parse(body.as_bytes()), Err(Rejection::Malformed(_))),
+                "{}",
+                &body[..body.len().min(80)]
+            );
+        }
     }
 
     #[test]
