@@ -718,8 +718,8 @@ async fn chart_installs_on_the_real_api_server_and_uninstalls() {
     let pools_ns = TestNamespace::create(&client, "helm-pools", true).await;
     let release = format!("azp-{}", &release_ns.name[release_ns.name.len() - 6..]);
     let values = unwrap(chart::ValuesFile::new(&format!(
-        r#"organization: https://dev.azure.com/contoso
-clusterId: helm-install-test
+        r#"# A local organization address that refuses connections: the controller run below calls nothing outside.
+organization: https://127.0.0.1:1/contoso
 controller:
   workloadIdentity:
     clientId: 00000000-0000-0000-0000-00000000c0de
@@ -748,7 +748,7 @@ serviceHooks:
         &kubeconfig,
         &["--take-ownership", "--timeout", "120s"],
     );
-    let result = check_installed(
+    let mut result = check_installed(
         &client,
         &release,
         &release_ns.name,
@@ -756,6 +756,9 @@ serviceHooks:
         installed,
     )
     .await;
+    if result.is_ok() {
+        result = run_controller_under_the_charts_rbac(&client, &release, &release_ns.name).await;
+    }
     let uninstalled = chart::uninstall(&release, &release_ns.name, &kubeconfig);
     let after = check_uninstalled(&client, &release, &release_ns.name, &pools_ns.name).await;
     release_ns.delete().await;
@@ -763,6 +766,163 @@ serviceHooks:
     result.unwrap_or_else(|e| panic!("{e}"));
     unwrap(uninstalled);
     after.unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Runs the controller binary as the chart's ServiceAccount (a token of it, so with exactly the RBAC the
+/// release installed: the ClusterRole, and `get` on kube-system for the cluster id) until it is ready and
+/// has written the status of the release's AgentPools. A missing permission fails here.
+async fn run_controller_under_the_charts_rbac(
+    client: &Client,
+    release: &str,
+    release_ns: &str,
+) -> Result<(), String> {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let sa = format!("{release}-azp-autoscaler");
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: Vec::new(),
+            expiration_seconds: Some(3600),
+            bound_object_ref: None,
+        },
+        ..TokenRequest::default()
+    };
+    let token = Api::<ServiceAccount>::namespaced(client.clone(), release_ns)
+        .create_subresource::<TokenRequest, TokenRequest>(
+            "token",
+            &sa,
+            &PostParams::default(),
+            &request,
+        )
+        .await
+        .map_err(|e| format!("token for {release_ns}/{sa}: {e}"))?
+        .status
+        .map(|s| s.token)
+        .ok_or("no token in the TokenRequest")?;
+    let admin = azp_testbed::node::kubeconfig_path();
+    let server = std::fs::read_to_string(&admin)
+        .map_err(|e| format!("read {}: {e}", admin.display()))?
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("server:")
+                .map(|s| s.trim().to_owned())
+        })
+        .ok_or("no server in the admin kubeconfig")?;
+    let ca = admin
+        .parent()
+        .map(|d| d.join("pki/ca.crt"))
+        .ok_or("no cluster folder")?;
+    let dir =
+        std::env::temp_dir().join(format!("azp-chart-rbac-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let _cleanup = scopeguard(dir.clone());
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n",
+            ca.display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let log_path = dir.join("controller.log");
+    let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
+    // The Deployment's arguments, as installed (admin address made local).
+    let manifest = std::process::Command::new(chart::helm().map_err(|e| e.to_string())?)
+        .args([
+            "get",
+            "manifest",
+            release,
+            "--namespace",
+            release_ns,
+            "--kubeconfig",
+        ])
+        .arg(&admin)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let objects =
+        chart::objects(&String::from_utf8_lossy(&manifest.stdout)).map_err(|e| e.to_string())?;
+    let deployment = chart::of_kind(&objects, "Deployment");
+    let args: Vec<String> = deployment
+        .first()
+        .and_then(|d| d["spec"]["template"]["spec"]["containers"][0]["args"].as_array())
+        .ok_or("no Deployment args in the release manifest")?
+        .iter()
+        .filter_map(|a| a.as_str())
+        // The hook endpoint needs the mounted Secret's files; it is not what this run is about.
+        .filter(|a| !a.starts_with("--hooks-"))
+        .map(|a| {
+            if a.starts_with("--admin-addr=") {
+                format!("--admin-addr=127.0.0.1:{port}")
+            } else {
+                a.to_owned()
+            }
+        })
+        .collect();
+    let mut child =
+        tokio::process::Command::new(azp_testbed::bed::bin_dir().join("azp-autoscaler"))
+            .args(&args)
+            .env_clear()
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "info")
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("start the controller: {e}"))?;
+    let logs = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let ready = azp_testbed::bed::eventually(
+        "the controller ready under the chart's RBAC",
+        Duration::from_secs(60),
+        || async {
+            let r = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        },
+    )
+    .await;
+    let status = match ready {
+        Ok(()) => {
+            azp_testbed::bed::eventually(
+                "AgentPool status written under the chart's RBAC",
+                Duration::from_secs(60),
+                || async {
+                    let pool = get_dynamic(
+                        client,
+                        Some(release_ns),
+                        "azp-autoscaler.dev/v1alpha1",
+                        "AgentPool",
+                        "linux",
+                    )
+                    .await
+                    .ok()??;
+                    pool.data["status"]["conditions"]
+                        .as_array()
+                        .filter(|c| !c.is_empty())
+                        .map(|_| ())
+                },
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    let exited = child.try_wait().ok().flatten();
+    let _ = child.kill().await;
+    let text = logs();
+    status.map_err(|e| format!("{e} (exited: {exited:?})\ncontroller log:\n{text}"))?;
+    if text.contains("403") || text.to_lowercase().contains("forbidden") {
+        return Err(format!(
+            "the controller was refused something under the chart's RBAC:\n{text}"
+        ));
+    }
+    Ok(())
 }
 
 async fn get_dynamic(
