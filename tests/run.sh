@@ -30,5 +30,5 @@ log "running the tests"
 if [ "$#" -gt 0 ]; then
   cargo test "$@"
 else
-  cargo test --workspace
+  cargo test --workspace --no-fail-fast
 fi
