@@ -723,8 +723,11 @@ organization: https://127.0.0.1:1/contoso
 controller:
   workloadIdentity:
     clientId: 00000000-0000-0000-0000-00000000c0de
+# Watch only the agents' namespace: the controller run below must not touch other tests' AgentPools.
+watchNamespace: {pools}
 pools:
   - name: linux
+    namespace: {pools}
     maxAgents: 3
   - name: gpu
     namespace: {pools}
@@ -757,7 +760,13 @@ serviceHooks:
     )
     .await;
     if result.is_ok() {
-        result = run_controller_under_the_charts_rbac(&client, &release, &release_ns.name).await;
+        result = run_controller_under_the_charts_rbac(
+            &client,
+            &release,
+            &release_ns.name,
+            &pools_ns.name,
+        )
+        .await;
     }
     let uninstalled = chart::uninstall(&release, &release_ns.name, &kubeconfig);
     let after = check_uninstalled(&client, &release, &release_ns.name, &pools_ns.name).await;
@@ -769,12 +778,14 @@ serviceHooks:
 }
 
 /// Runs the controller binary as the chart's ServiceAccount (a token of it, so with exactly the RBAC the
-/// release installed: the ClusterRole, and `get` on kube-system for the cluster id) until it is ready and
-/// has written the status of the release's AgentPools. A missing permission fails here.
+/// release installed: the Role in the watched namespace, and `get` on kube-system for the cluster id)
+/// until it is ready and has written the status of the release's AgentPools. A missing permission fails
+/// here.
 async fn run_controller_under_the_charts_rbac(
     client: &Client,
     release: &str,
     release_ns: &str,
+    pools_ns: &str,
 ) -> Result<(), String> {
     use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
     use k8s_openapi::api::core::v1::ServiceAccount;
@@ -896,7 +907,7 @@ async fn run_controller_under_the_charts_rbac(
                 || async {
                     let pool = get_dynamic(
                         client,
-                        Some(release_ns),
+                        Some(pools_ns),
                         "azp-autoscaler.dev/v1alpha1",
                         "AgentPool",
                         "linux",
@@ -980,12 +991,6 @@ fn expected_objects<'a>(
             full.clone(),
         ),
         (
-            Some(release_ns.to_owned()),
-            "v1",
-            "ServiceAccount",
-            "azp-agent".to_owned(),
-        ),
-        (
             Some(pools_ns.to_owned()),
             "v1",
             "ServiceAccount",
@@ -1010,19 +1015,31 @@ fn expected_objects<'a>(
             format!("{full}-dashboard"),
         ),
         (
+            Some(pools_ns.to_owned()),
+            "rbac.authorization.k8s.io/v1",
+            "Role",
+            format!("{full}-controller"),
+        ),
+        (
+            Some(pools_ns.to_owned()),
+            "rbac.authorization.k8s.io/v1",
+            "RoleBinding",
+            format!("{full}-controller"),
+        ),
+        (
             None,
             "rbac.authorization.k8s.io/v1",
             "ClusterRole",
-            format!("{full}-{release_ns}-controller"),
+            format!("{full}-{release_ns}-cluster-id"),
         ),
         (
             None,
             "rbac.authorization.k8s.io/v1",
             "ClusterRoleBinding",
-            format!("{full}-{release_ns}-controller"),
+            format!("{full}-{release_ns}-cluster-id"),
         ),
         (
-            Some(release_ns.to_owned()),
+            Some(pools_ns.to_owned()),
             "azp-autoscaler.dev/v1alpha1",
             "AgentPool",
             "linux".to_owned(),
