@@ -48,6 +48,10 @@ struct ControllerArgs {
     /// Seconds between two listings of an ADO pool's agents (job requests are read every poll).
     #[arg(long, default_value_t = 30)]
     agents_every_seconds: u64,
+    /// Seconds one of our agents may stay in ADO with no unfinished agent Job (pod OOM-killed, evicted,
+    /// deregistration failed) and no request before it is deleted.
+    #[arg(long, env = "AZP_ORPHAN_GRACE_SECONDS", default_value_t = 120)]
+    orphan_grace_seconds: u64,
     /// Log format.
     #[arg(long, env = "AZP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
@@ -167,6 +171,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         cluster_id: args.cluster_id,
         admin_addr: args.admin_addr,
         agents_every: Duration::from_secs(args.agents_every_seconds.max(1)),
+        orphan_grace: Duration::from_secs(args.orphan_grace_seconds),
         ..azp_autoscaler::controller::Config::default()
     };
     let metrics = azp_autoscaler::metrics::Metrics::new();

@@ -314,3 +314,86 @@ pub(crate) async fn publish(
         tracing::debug!(error = %e, "publishing an Event failed");
     }
 }
+
+/// Deletes our left-behind agents from ADO (see [`plan::cleanup`]). Each is re-checked right before:
+/// read again from ADO (still there, still holding no request), no unfinished agent Job of ours runs an
+/// agent of that name (the cache, and the Jobs this poll just created). Anything doubtful waits for the
+/// next poll.
+pub(crate) async fn remove_orphans(
+    ctx: &Context,
+    ado: &AdoClient,
+    pool_id: i32,
+    plan: &plan::Plan,
+    orphans: &[plan::OrphanAgent],
+    pools: &BTreeMap<plan::PoolRef, Arc<AgentPool>>,
+) {
+    for orphan in orphans {
+        let name = &orphan.agent_name;
+        let being_created = plan.creates().any(|a| {
+            snapshot::agent_name(a.job_name(), &ctx.cluster_id, &a.agent_pool().namespace)
+                .eq_ignore_ascii_case(name)
+        });
+        let job_alive = ctx.jobs.state().iter().any(|j| {
+            !snapshot::job_finished(j)
+                && j.metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(job::ANNOTATION_AGENT_NAME))
+                    .is_some_and(|n| n.eq_ignore_ascii_case(name))
+        });
+        if being_created || job_alive {
+            tracing::debug!(agent = %name, "left-behind agent has an agent Job again: kept");
+            continue;
+        }
+        let Ok(agent_id) = i32::try_from(orphan.agent_id) else {
+            continue;
+        };
+        let fresh = match ado
+            .agents(pool_id, &AgentQuery::named(name).with_assigned_request())
+            .await
+        {
+            Ok(agents) => agents.into_iter().find(|a| a.id == agent_id),
+            Err(e) => {
+                tracing::warn!(agent = %name, error = %e, "re-reading a left-behind agent failed; cleanup retries");
+                return;
+            }
+        };
+        match fresh {
+            None => continue,
+            Some(a) if a.assigned_request.is_some() => {
+                tracing::info!(agent = %name, "left-behind agent holds a request now: kept");
+                continue;
+            }
+            Some(_) => {}
+        }
+        match ado.delete_agent(pool_id, agent_id).await {
+            Ok(_) => {}
+            Err(e) if e.status() == Some(404) => {}
+            Err(e) => {
+                tracing::warn!(agent = %name, error = %e, "deleting a left-behind agent failed; cleanup retries");
+                ctx.metrics
+                    .reconcile_errors
+                    .get_or_create(&ErrorLabels {
+                        namespace: orphan.agent_pool.namespace.clone(),
+                        agentpool: orphan.agent_pool.name.clone(),
+                        error: "orphan_delete",
+                    })
+                    .inc();
+                continue;
+            }
+        }
+        count_cleanup(ctx, &orphan.agent_pool, "orphan_agent_removed");
+        tracing::info!(agentpool = %orphan.agent_pool, agent = %name, agent_id, reason = %orphan.reason, "left-behind agent deleted from ADO");
+        if let Some(pool) = pools.get(&orphan.agent_pool) {
+            publish(
+                ctx,
+                pool,
+                EventType::Normal,
+                "OrphanAgentRemoved",
+                "DeleteAgent",
+                orphan.reason.clone(),
+            )
+            .await;
+        }
+    }
+}

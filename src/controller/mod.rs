@@ -56,6 +56,9 @@ pub struct Config {
     pub create_concurrency: usize,
     /// Name of this replica, for Events.
     pub instance: String,
+    /// How long one of our agents stays left behind (no unfinished agent Job, holding no request)
+    /// before it is deleted from ADO.
+    pub orphan_grace: Duration,
     /// Wakes every poll task at once (shared with the service-hook endpoint).
     pub wake: Arc<Notify>,
 }
@@ -70,6 +73,7 @@ impl Default for Config {
             usage_every: Duration::from_secs(60),
             create_concurrency: 32,
             instance: std::env::var("POD_NAME").unwrap_or_else(|_| "azp-autoscaler".to_owned()),
+            orphan_grace: Duration::from_secs(120),
             wake: Arc::new(Notify::new()),
         }
     }

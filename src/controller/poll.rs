@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 
@@ -73,6 +73,8 @@ struct GroupState {
     reported: HashSet<(plan::RequestId, &'static str)>,
     /// Requests whose time to agent is already recorded (each once).
     timed: HashSet<plan::RequestId>,
+    /// Our left-behind agents, with when each was first seen so (see [`plan::cleanup`]).
+    orphan_since: BTreeMap<plan::AgentId, Timestamp>,
 }
 
 /// Polls one group until no AgentPool belongs to it any more.
@@ -225,7 +227,17 @@ async fn poll_once(
         .filter_map(|p| snapshot::plan_spec(p))
         .collect();
     let cluster = cluster_snapshot(ctx, &valid, &state.agents);
-    let plan = plan::plan(&ado_snapshot, &cluster, &specs, Timestamp::now());
+    let planned_at = Timestamp::now();
+    let plan = plan::plan(&ado_snapshot, &cluster, &specs, planned_at);
+    let cleanup = plan::cleanup(
+        &ado_snapshot,
+        &cluster,
+        &owner_scope(ctx, &valid),
+        &state.orphan_since,
+        planned_at,
+        SignedDuration::try_from(ctx.config.orphan_grace).unwrap_or(SignedDuration::MAX),
+    );
+    state.orphan_since = cleanup.orphan_since;
 
     report_blocked(ctx, key, &plan, state);
     record_timings(ctx, &valid, &requests, &ado_pool_name, state);
@@ -234,6 +246,7 @@ async fn poll_once(
         .filter_map(|p| Some((snapshot::pool_ref(p)?, p.clone())))
         .collect();
     apply::apply(ctx, &ado, pool_id, &plan, &by_ref).await;
+    apply::remove_orphans(ctx, &ado, pool_id, &plan, &cleanup.remove, &by_ref).await;
     for (pool_ref, pool) in &by_ref {
         if let Some(summary) = plan.pool(pool_ref) {
             status::polled(ctx, pool, &ado_pool_name, pool_id, summary).await;
@@ -271,6 +284,34 @@ async fn ensure_placeholder(
     let id = placeholder::ensure(ado, pool_id, &name, &want, &pool.spec.agent_version).await?;
     state.placeholders.insert(pool_ref, (generation, id));
     Ok(())
+}
+
+/// Which agents cleanup may act on: those whose owner capability names this cluster and one of the
+/// group's (valid) AgentPools; their placeholders are protected by name as well as by mark.
+fn owner_scope(ctx: &Context, members: &[Arc<AgentPool>]) -> plan::OwnerScope {
+    let mut scope = plan::OwnerScope {
+        owner_capability: job::OWNER_CAPABILITY.to_owned(),
+        placeholder_capability: placeholder::PLACEHOLDER_CAPABILITY.to_owned(),
+        ..plan::OwnerScope::default()
+    };
+    for pool in members {
+        let Some(pool_ref) = snapshot::pool_ref(pool) else {
+            continue;
+        };
+        scope.owners.insert(
+            job::owner_tag(&ctx.cluster_id, &pool_ref.namespace, &pool_ref.name),
+            pool_ref.clone(),
+        );
+        scope.placeholder_names.insert(placeholder::name(
+            &ctx.cluster_id,
+            &pool_ref.namespace,
+            &pool_ref.name,
+        ));
+        if pool.spec.paused {
+            scope.paused.insert(pool_ref);
+        }
+    }
+    scope
 }
 
 /// Our Jobs and Pods of the group's AgentPools, from the caches.

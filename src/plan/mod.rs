@@ -63,6 +63,10 @@
 //!
 //! Actions are ordered: replacements, removals, creations for requests (queue order), standbys.
 //!
+//! **ADO-side cleanup** ([`cleanup()`]). Our agents (owner capability = this cluster and one of the
+//! AgentPools) that hold no request and that no unfinished agent Job runs are deleted from ADO once
+//! they have been so for a grace period; placeholders and foreign agents never.
+//!
 //! # Example
 //!
 //! ```
@@ -104,6 +108,7 @@
 //! assert!(json.starts_with(r#"{"pools":[{"agentPool":"ci/linux","adoPool":"builds","pending":[42]"#));
 //! ```
 
+pub mod cleanup;
 pub mod demand;
 pub mod model;
 pub mod names;
@@ -114,6 +119,7 @@ pub mod report;
 #[cfg(test)]
 mod tests;
 
+pub use cleanup::{Cleanup, OrphanAgent, OwnerScope, cleanup};
 pub use demand::{Capabilities, Demand, DemandParseError};
 pub use model::{
     AdoSnapshot, Agent, AgentId, AgentJob, AgentPoolSpec, AgentRef, AgentStatus, ClusterSnapshot,

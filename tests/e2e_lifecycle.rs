@@ -1,0 +1,240 @@
+//! Lifecycle end to end on the real local API server (controller process + ADO simulator + node harness +
+//! agent entrypoint + stand-in agent): ADO-side cleanup of agents left behind, never of foreign agents.
+//! Needs `tests/cluster/up.sh` and `cargo build --workspace --bins` (tests/run.sh does both).
+
+use std::time::Duration;
+
+use azp_testbed::bed::{Bed, BedOptions, ORG, eventually};
+use azp_testbed::sim::{IdentitySpec, RequestSpec};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
+use kube::Api;
+use kube::api::ListParams;
+
+const DEADLINE: Duration = Duration::from_secs(120);
+const FOREIGN_CLIENT_ID: &str = "00000000-0000-0000-0000-0000000f0e19";
+const FOREIGN_OBJECT_ID: &str = "0f0e1900-0000-0000-0000-000000000001";
+
+/// Fails the test with the controller's logs.
+fn fail(bed: &Bed, what: impl std::fmt::Display) -> ! {
+    panic!("{what}\ncontroller logs:\n{}", bed.controller_logs())
+}
+
+fn agent_names(bed: &Bed) -> Vec<String> {
+    bed.sim
+        .agents(ORG, "linux")
+        .expect("agents")
+        .into_iter()
+        .map(|a| a.name)
+        .collect()
+}
+
+/// Registers an agent through ADO's REST API as another identity (another cluster's controller, or a
+/// hand-made agent), offline, with the given capabilities.
+async fn register_agent(bed: &Bed, name: &str, capabilities: serde_json::Value) {
+    let token = bed
+        .sim
+        .mint_access_token(FOREIGN_CLIENT_ID, FOREIGN_OBJECT_ID, DEADLINE * 10);
+    let pool_id = bed.sim.pool_id(ORG, "linux").expect("pool id");
+    let body = serde_json::json!({
+        "name": name,
+        "version": azp_testbed::standin::AGENT_VERSION,
+        "maxParallelism": 1,
+        "enabled": true,
+        "systemCapabilities": capabilities,
+        // A throwaway 2040-bit "key": the agent never connects.
+        "authorization": {"publicKey": {"exponent": "AQAB", "modulus": "////".repeat(85)}},
+    });
+    let response = bed
+        .sim
+        .http_client()
+        .post(format!(
+            "{}/_apis/distributedtask/pools/{pool_id}/agents?api-version=7.1",
+            bed.org_url()
+        ))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .expect("register agent");
+    let status = response.status();
+    assert!(
+        status.is_success(),
+        "registering {name}: {status} {}",
+        response.text().await.unwrap_or_default()
+    );
+}
+
+async fn metric(bed: &Bed, needle: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://{}/metrics", bed.admin_addr))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .filter(|l| l.starts_with(needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(|a, b| a + b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_killed_mid_job_is_cleaned_from_ado_and_foreign_agents_are_untouched() {
+    let mut opts = BedOptions::new("e2e-orphans");
+    opts.controller_args = vec!["--orphan-grace-seconds".into(), "3".into()];
+    // A killed agent stops renewing its job lock: ADO abandons the request when the lock runs out.
+    opts.sim.lock_secs = 8;
+    let bed = Bed::start(opts).await.expect("bed");
+    bed.sim
+        .add_identity(IdentitySpec::new(FOREIGN_CLIENT_ID).object_id(FOREIGN_OBJECT_ID));
+    bed.sim.add_member(ORG, FOREIGN_OBJECT_ID).expect("member");
+
+    // Agents that are not this controller's: another cluster's agent of the same namespace/AgentPool,
+    // another cluster's placeholder, and a hand-made agent without any owner. All offline, no Job here.
+    let ours = format!("bed-{ns}/{ns}/linux", ns = bed.namespace);
+    let other_cluster = format!("other-cluster/{}/linux", bed.namespace);
+    register_agent(
+        &bed,
+        "linux-77-1-0ther000",
+        serde_json::json!({"azp-autoscaler.owner": other_cluster}),
+    )
+    .await;
+    register_agent(
+        &bed,
+        "azp-placeholder-other-linux",
+        serde_json::json!({"azp-autoscaler.owner": other_cluster, "azp-autoscaler.placeholder": "true"}),
+    )
+    .await;
+    register_agent(&bed, "build-vm-3", serde_json::json!({"Agent.OS": "Linux"})).await;
+    // Ours but half-registered (its pod died during config.sh, its Job is gone): cleaned.
+    register_agent(
+        &bed,
+        "linux-55-1-deadbeef",
+        serde_json::json!({"azp-autoscaler.owner": ours}),
+    )
+    .await;
+
+    let mut manifest = bed.agentpool("linux", "linux", 5);
+    // Renew the job lock often, so only a killed agent loses its request.
+    manifest["spec"]["template"]["spec"]["containers"][0]["env"] =
+        serde_json::json!([{"name": "STANDIN_RENEW_INTERVAL_MS", "value": "1000"}]);
+    bed.apply_agentpool(manifest).await.expect("apply");
+
+    eventually("the half-registered agent cleaned", DEADLINE, || async {
+        (!agent_names(&bed).contains(&"linux-55-1-deadbeef".to_owned())).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+
+    // A long job; its pod is OOM-killed while it runs.
+    let id = bed
+        .sim
+        .queue(
+            ORG,
+            "linux",
+            RequestSpec::new().duration(Duration::from_secs(600)),
+        )
+        .expect("queue");
+    let running = bed
+        .sim
+        .wait_request(ORG, id, DEADLINE, |r| r.receive_time.is_some())
+        .await
+        .expect("request");
+    let agent = running
+        .agent_name
+        .clone()
+        .unwrap_or_else(|| fail(&bed, format!("request {id} never ran: {running:?}")));
+    let jobs = bed.jobs().await.expect("jobs");
+    let job = jobs
+        .iter()
+        .find(|j| {
+            j.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("azp-autoscaler.dev/agent-name"))
+                == Some(&agent)
+        })
+        .unwrap_or_else(|| fail(&bed, format!("no agent Job runs {agent}")));
+    let job_name = job.metadata.name.clone().unwrap_or_default();
+    let pods = Api::<Pod>::namespaced(bed.client.clone(), &bed.namespace)
+        .list(&ListParams::default().labels(&format!("job-name={job_name}")))
+        .await
+        .expect("pods");
+    let pod = pods.items[0].metadata.name.clone().unwrap_or_default();
+    bed.node
+        .as_ref()
+        .expect("node")
+        .kill_pod(&bed.namespace, &pod)
+        .expect("kill pod");
+
+    // ADO abandons the request; the agent it leaves behind is ours and holds nothing: deleted.
+    let done = bed
+        .sim
+        .wait_request(ORG, id, DEADLINE, |r| r.result.is_some())
+        .await
+        .expect("request");
+    assert_eq!(done.result.as_deref(), Some("abandoned"), "{done:?}");
+    eventually("the killed agent cleaned from ADO", DEADLINE, || async {
+        (!agent_names(&bed).contains(&agent)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+
+    // Counted, and an Event says why.
+    let cleaned = eventually("cleanups counted", DEADLINE, || async {
+        metric(&bed, "azp_autoscaler_cleanups_total{")
+            .await
+            .filter(|n| *n >= 2.0)
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    assert!(cleaned >= 2.0);
+    // The Event recorder folds repeats of one reason on one AgentPool into a series: count them all.
+    eventually("OrphanAgentRemoved Events", DEADLINE, || async {
+        let list = Api::<Event>::namespaced(bed.client.clone(), &bed.namespace)
+            .list(&ListParams::default())
+            .await
+            .ok()?;
+        let count: i32 = list
+            .items
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("OrphanAgentRemoved"))
+            .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+            .sum();
+        (count >= 2).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+
+    // Several more polls later, the foreign agents and our placeholder are still there, and the request
+    // got no second agent.
+    let before = bed.sim.call_count("jobrequests.list");
+    eventually("five more polls", DEADLINE, || async {
+        (bed.sim.call_count("jobrequests.list") >= before + 5).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    let names = agent_names(&bed);
+    for foreign in [
+        "linux-77-1-0ther000",
+        "azp-placeholder-other-linux",
+        "build-vm-3",
+    ] {
+        assert!(
+            names.contains(&foreign.to_owned()),
+            "{foreign} untouched: {names:?}"
+        );
+    }
+    assert!(
+        names
+            .iter()
+            .any(|n| n.starts_with(&format!("azp-placeholder-{}-linux-", bed.namespace))),
+        "our placeholder stays: {names:?}"
+    );
+    assert_eq!(
+        bed.jobs().await.expect("jobs").len(),
+        1,
+        "no second agent for an abandoned request"
+    );
+    bed.teardown().await;
+}
