@@ -4,78 +4,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use azp_testbed::bed::{Bed, BedOptions, ORG, eventually};
+use azp_testbed::bed::{Bed, BedOptions, ORG, condition, eventually};
 use azp_testbed::sim::RequestSpec;
 use kube::Api;
 
 const DEADLINE: Duration = Duration::from_secs(120);
-
-async fn agentpool_status(bed: &Bed, name: &str) -> Option<serde_json::Value> {
-    let api: Api<kube::core::DynamicObject> = Api::namespaced_with(
-        bed.client.clone(),
-        &bed.namespace,
-        &azp_testbed::bed::agentpool_resource(),
-    );
-    api.get(name).await.ok()?.data.get("status").cloned()
-}
-
-fn condition(status: &serde_json::Value, type_: &str) -> Option<(String, String, String)> {
-    status["conditions"].as_array()?.iter().find_map(|c| {
-        (c["type"] == type_).then(|| {
-            (
-                c["status"].as_str().unwrap_or_default().to_owned(),
-                c["reason"].as_str().unwrap_or_default().to_owned(),
-                c["message"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-    })
-}
-
-async fn wait_ready(bed: &Bed, name: &str) {
-    let r = eventually(&format!("AgentPool {name} Ready"), DEADLINE, || async {
-        let status = agentpool_status(bed, name).await?;
-        let (s, _, _) = condition(&status, "Ready")?;
-        (s == "True").then_some(())
-    })
-    .await;
-    if let Err(e) = r {
-        panic!(
-            "{e}\nstatus: {:?}\ncontroller logs:\n{}",
-            agentpool_status(bed, name).await,
-            bed.controller_logs()
-        );
-    }
-}
-
-/// Waits until every given request finished; returns request id → (result, agent name).
-async fn wait_finished(bed: &Bed, pool: &str, ids: &[u64]) -> BTreeMap<u64, (String, String)> {
-    let r = eventually("requests finished", DEADLINE, || async {
-        let reqs = bed.sim.requests(ORG, pool).ok()?;
-        let done: BTreeMap<u64, (String, String)> = reqs
-            .iter()
-            .filter(|r| ids.contains(&r.request_id))
-            .filter_map(|r| {
-                Some((
-                    r.request_id,
-                    (r.result.clone()?, r.agent_name.clone().unwrap_or_default()),
-                ))
-            })
-            .collect();
-        (done.len() == ids.len()).then_some(done)
-    })
-    .await;
-    match r {
-        Ok(v) => v,
-        Err(e) => panic!(
-            "{e}\nrequests: {:#?}\njobs: {:?}\ncontroller logs:\n{}",
-            bed.sim.requests(ORG, pool),
-            bed.jobs()
-                .await
-                .map(|j| j.into_iter().map(|j| j.metadata.name).collect::<Vec<_>>()),
-            bed.controller_logs()
-        ),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn zero_agents_while_idle_then_one_run_once_agent_per_request() {
@@ -83,7 +16,7 @@ async fn zero_agents_while_idle_then_one_run_once_agent_per_request() {
     bed.apply_agentpool(bed.agentpool("linux", "linux", 5))
         .await
         .expect("apply");
-    wait_ready(&bed, "linux").await;
+    bed.wait_ready("linux").await;
 
     // The placeholder keeps the empty pool queueable: an offline agent with our capabilities.
     let agents = bed.sim.agents(ORG, "linux").expect("agents");
@@ -114,7 +47,7 @@ async fn zero_agents_while_idle_then_one_run_once_agent_per_request() {
                 .expect("queue")
         })
         .collect();
-    let done = wait_finished(&bed, "linux", &ids).await;
+    let done = bed.wait_finished("linux", &ids).await;
     for (id, (result, agent)) in &done {
         assert_eq!(result, "succeeded", "request {id}");
         assert!(
@@ -261,7 +194,7 @@ async fn max_agents_and_parallel_slots_cap_and_the_rest_is_reported_capped() {
     bed.apply_agentpool(bed.agentpool("linux", "linux", 2))
         .await
         .expect("apply");
-    wait_ready(&bed, "linux").await;
+    bed.wait_ready("linux").await;
     // Long jobs: the agents stay busy while we look.
     let ids: Vec<u64> = (0..5)
         .map(|_| {
@@ -275,7 +208,7 @@ async fn max_agents_and_parallel_slots_cap_and_the_rest_is_reported_capped() {
         })
         .collect();
     let status = match eventually("status shows the capped requests", DEADLINE, || async {
-        let s = agentpool_status(&bed, "linux").await?;
+        let s = bed.agentpool_status("linux").await?;
         (s["capped"].as_u64()? == 3 && s["agents"]["busy"].as_u64()? == 2).then_some(s)
     })
     .await
@@ -283,7 +216,7 @@ async fn max_agents_and_parallel_slots_cap_and_the_rest_is_reported_capped() {
         Ok(s) => s,
         Err(e) => panic!(
             "{e}: {:?}\n{}",
-            agentpool_status(&bed, "linux").await,
+            bed.agentpool_status("linux").await,
             bed.controller_logs()
         ),
     };
@@ -297,7 +230,7 @@ async fn max_agents_and_parallel_slots_cap_and_the_rest_is_reported_capped() {
         "maxAgents 2 holds"
     );
     // Everything is served eventually, never more than 2 agents at once.
-    let done = wait_finished(&bed, "linux", &ids).await;
+    let done = bed.wait_finished("linux", &ids).await;
     assert!(done.values().all(|(r, _)| r == "succeeded"), "{done:?}");
     bed.teardown().await;
 }
@@ -317,7 +250,7 @@ async fn routing_by_demands_and_priority_with_spill_over() {
         bed.apply_agentpool(p).await.expect("apply");
     }
     for p in ["fast", "slow", "java"] {
-        wait_ready(&bed, p).await;
+        bed.wait_ready(p).await;
     }
     let docker: Vec<u64> = (0..3)
         .map(|_| {
@@ -344,7 +277,7 @@ async fn routing_by_demands_and_priority_with_spill_over() {
         .expect("queue");
     let mut all = docker.clone();
     all.push(java_req);
-    let done = wait_finished(&bed, "linux", &all).await;
+    let done = bed.wait_finished("linux", &all).await;
     let pool_of = |agent: &str| agent.split('-').next().unwrap_or_default().to_owned();
     assert_eq!(pool_of(&done[&java_req].1), "java", "{done:?}");
     let by_pool: BTreeMap<String, usize> = docker.iter().fold(BTreeMap::new(), |mut m, id| {
@@ -382,7 +315,7 @@ async fn keda_7747_and_7878_cannot_happen_in_any_assignment_order() {
         bed.apply_agentpool(bed.agentpool("linux", "linux", 10))
             .await
             .expect("apply");
-        wait_ready(&bed, "linux").await;
+        bed.wait_ready("linux").await;
         // #7878: three long jobs keep three agents busy...
         let busy: Vec<u64> = (0..3)
             .map(|_| {
@@ -444,7 +377,7 @@ async fn keda_7747_and_7878_cannot_happen_in_any_assignment_order() {
         }
         let mut all = busy.clone();
         all.extend(&more);
-        let done = wait_finished(&bed, "linux", &all).await;
+        let done = bed.wait_finished("linux", &all).await;
         let agents: BTreeSet<&String> = done.values().map(|(_, a)| a).collect();
         assert_eq!(
             agents.len(),
@@ -464,7 +397,7 @@ async fn no_duplicate_agent_jobs_across_controller_restarts() {
     bed.apply_agentpool(bed.agentpool("linux", "linux", 20))
         .await
         .expect("apply");
-    wait_ready(&bed, "linux").await;
+    bed.wait_ready("linux").await;
     let ids: Vec<u64> = (0..12)
         .map(|_| {
             bed.sim
@@ -493,7 +426,7 @@ async fn no_duplicate_agent_jobs_across_controller_restarts() {
             .await
             .expect("invariant");
     }
-    let done = wait_finished(&bed, "linux", &ids).await;
+    let done = bed.wait_finished("linux", &ids).await;
     assert!(done.values().all(|(r, _)| r == "succeeded"), "{done:?}");
     // No wasted agent: every agent Job ever created served exactly one of the requests (a duplicate made
     // across a restart would have served nothing, or been removed as surplus).
@@ -569,7 +502,7 @@ async fn an_invalid_agentpool_is_rejected_with_a_message_naming_the_field() {
     bad["spec"]["agentContainer"] = "runner".into();
     bed.apply_agentpool(bad).await.expect("schema-valid");
     let status = eventually("Degraded InvalidTemplate", DEADLINE, || async {
-        let s = agentpool_status(&bed, "nocontainer").await?;
+        let s = bed.agentpool_status("nocontainer").await?;
         let (st, reason, message) = condition(&s, "Degraded")?;
         (st == "True" && reason == "InvalidTemplate").then_some(message)
     })
@@ -616,8 +549,8 @@ async fn plan_output_equals_what_the_controller_then_does() {
     for p in [&docker, &plain] {
         bed.apply_agentpool(p.clone()).await.expect("apply");
     }
-    wait_ready(&bed, "docker").await;
-    wait_ready(&bed, "plain").await;
+    bed.wait_ready("docker").await;
+    bed.wait_ready("plain").await;
     // The controller is away (its placeholders stay); requests wait.
     bed.kill_controller().await;
     for spec in [

@@ -10,7 +10,9 @@ use k8s_openapi::api::core::v1::Pod;
 
 use super::{Context, GroupKey, apply, group_key, placeholder, snapshot, status};
 use crate::ado::models::{ResourceUsage, TaskAgent};
-use crate::ado::{AdoClient, AdoError, AgentQuery};
+use crate::ado::{
+    AdoClient, AdoError, AdoObserver, AgentQuery, TokenSource, WorkloadIdentityConfig,
+};
 use crate::k8s::crd::AgentPool;
 use crate::k8s::job::{self, LABEL_AGENTPOOL};
 use crate::metrics::{ErrorLabels, OrgLabels};
@@ -149,10 +151,7 @@ async fn poll_once(
     members: &[Arc<AgentPool>],
     state: &mut GroupState,
 ) -> Result<f64, PollError> {
-    let ado: AdoClient = ctx.ado.get(
-        &key.organization,
-        super::token_source(Some(&ctx.client), &key.auth, false).await?,
-    )?;
+    let ado = client_for(ctx, key).await?;
     let ado_pool_name = members
         .first()
         .map(|p| p.spec.pool.clone())
@@ -253,6 +252,31 @@ async fn poll_once(
         }
     }
     Ok(ado.slow_down_factor())
+}
+
+/// The ADO client of the group's (organization, identity): built once and shared, with the metrics
+/// observer on its calls and its token exchanges.
+async fn client_for(ctx: &Context, key: &GroupKey) -> Result<AdoClient, PollError> {
+    let observer: Arc<dyn AdoObserver> = Arc::new(ctx.metrics.clone());
+    match &key.auth {
+        super::AuthKey::WorkloadIdentity(client_id) => {
+            let config =
+                WorkloadIdentityConfig::from_env(client_id.as_deref()).map_err(AdoError::from)?;
+            ctx.ado
+                .get_or_insert_with(&key.organization, &config.identity_key(), || {
+                    TokenSource::workload_identity(config.clone())
+                        .map(|t| t.with_observer(observer))
+                        .map_err(|e| PollError::from(AdoError::from(e)))
+                })
+        }
+        // A PAT is read from its Secret every poll (it may be rotated); the client is shared per PAT.
+        super::AuthKey::Pat { .. } => {
+            let tokens = super::token_source(Some(&ctx.client), &key.auth, false).await?;
+            Ok(ctx
+                .ado
+                .get(&key.organization, tokens.with_observer(observer))?)
+        }
+    }
 }
 
 async fn ensure_placeholder(

@@ -334,6 +334,76 @@ impl Bed {
         })
     }
 
+    /// The status of an AgentPool (None while it has none).
+    pub async fn agentpool_status(&self, name: &str) -> Option<serde_json::Value> {
+        let api: Api<kube::core::DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &self.namespace, &agentpool_resource());
+        api.get(name).await.ok()?.data.get("status").cloned()
+    }
+
+    /// Waits until the AgentPool reports Ready=True (its placeholder registered, polling works); panics
+    /// with its status and the controller's logs otherwise.
+    pub async fn wait_ready(&self, name: &str) {
+        let r = eventually(
+            &format!("AgentPool {name} Ready"),
+            Duration::from_secs(120),
+            || async {
+                let status = self.agentpool_status(name).await?;
+                let (s, _, _) = condition(&status, "Ready")?;
+                (s == "True").then_some(())
+            },
+        )
+        .await;
+        if let Err(e) = r {
+            panic!(
+                "{e}\nstatus: {:?}\ncontroller logs:\n{}",
+                self.agentpool_status(name).await,
+                self.controller_logs()
+            );
+        }
+    }
+
+    /// Waits until every given request of the ADO pool finished; returns request id → (result, agent
+    /// name). Panics with the requests, the Jobs and the controller's logs otherwise.
+    pub async fn wait_finished(&self, pool: &str, ids: &[u64]) -> BTreeMap<u64, (String, String)> {
+        let r = eventually("requests finished", Duration::from_secs(120), || async {
+            let reqs = self.sim.requests(ORG, pool).ok()?;
+            let done: BTreeMap<u64, (String, String)> = reqs
+                .iter()
+                .filter(|r| ids.contains(&r.request_id))
+                .filter_map(|r| {
+                    Some((
+                        r.request_id,
+                        (r.result.clone()?, r.agent_name.clone().unwrap_or_default()),
+                    ))
+                })
+                .collect();
+            (done.len() == ids.len()).then_some(done)
+        })
+        .await;
+        match r {
+            Ok(v) => v,
+            Err(e) => panic!(
+                "{e}\nrequests: {:#?}\njobs: {:?}\ncontroller logs:\n{}",
+                self.sim.requests(ORG, pool),
+                self.jobs()
+                    .await
+                    .map(|j| j.into_iter().map(|j| j.metadata.name).collect::<Vec<_>>()),
+                self.controller_logs()
+            ),
+        }
+    }
+
+    /// The controller's `/metrics` text (None while it does not answer).
+    pub async fn metrics_text(&self) -> Option<String> {
+        reqwest::get(format!("http://{}/metrics", self.admin_addr))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()
+    }
+
     /// Agent Jobs in the namespace.
     pub async fn jobs(&self) -> Result<Vec<Job>, kube::Error> {
         Ok(Api::<Job>::namespaced(self.client.clone(), &self.namespace)
@@ -630,6 +700,19 @@ fn free_port() -> Result<u16, BedError> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// A condition of a status: (status, reason, message).
+pub fn condition(status: &serde_json::Value, type_: &str) -> Option<(String, String, String)> {
+    status["conditions"].as_array()?.iter().find_map(|c| {
+        (c["type"] == type_).then(|| {
+            (
+                c["status"].as_str().unwrap_or_default().to_owned(),
+                c["reason"].as_str().unwrap_or_default().to_owned(),
+                c["message"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+    })
 }
 
 /// Polls `check` every 200 ms until it returns `Some`, or fails after `timeout` with `what` (a deadline
