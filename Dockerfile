@@ -40,7 +40,11 @@ RUN case "${TARGETARCH:-amd64}" in \
     && rustup target add "$(cat /rust-musl-target)"
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin azp-autoscaler \
+# BuildKit cache mounts keep the crate registry and compiled dependencies between builds: a change to the
+# product's code rebuilds only the product.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin azp-autoscaler \
     && cargo build --release --locked --bin azp-autoscaler --target "$(cat /rust-musl-target)" \
     && install -D -m 0755 target/release/azp-autoscaler /out/glibc/azp-autoscaler \
     && install -D -m 0755 "target/$(cat /rust-musl-target)/release/azp-autoscaler" /out/static/azp-autoscaler
@@ -69,6 +73,13 @@ RUN if [ -z "${AGENT_SHA256}" ]; then \
 # --- agent: the image the controller's agent Jobs run ----------------------------------------------------
 FROM debian:${DEBIAN_RELEASE}-slim AS agent
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="azp-autoscaler agent" \
+      org.opencontainers.image.description="Run-once Azure Pipelines agent with the azp-autoscaler entrypoint (workload identity, no PAT)" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="MIT"
 # The agent's own dependency script installs what .NET needs (ICU, OpenSSL, Kerberos, …); git and
 # ca-certificates for checkouts; tini as PID 1 (reaps orphaned job processes, passes SIGTERM to the
 # entrypoint only). No Azure CLI: the entrypoint gets its token through workload identity.
@@ -94,6 +105,13 @@ ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/azp-autoscaler", "agent"]
 
 # --- controller: static binary, distroless, non-root -----------------------------------------------------
 FROM gcr.io/distroless/static-debian12:nonroot AS controller
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="azp-autoscaler controller" \
+      org.opencontainers.image.description="Scale-to-zero autoscaler for Azure DevOps agents on Kubernetes" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="MIT"
 COPY --from=build /out/static/azp-autoscaler /usr/local/bin/azp-autoscaler
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/azp-autoscaler"]
