@@ -238,3 +238,90 @@ async fn an_agent_killed_mid_job_is_cleaned_from_ado_and_foreign_agents_are_unto
     );
     bed.teardown().await;
 }
+
+fn agentpools(bed: &Bed) -> Api<kube::core::DynamicObject> {
+    Api::namespaced_with(
+        bed.client.clone(),
+        &bed.namespace,
+        &azp_testbed::bed::agentpool_resource(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_an_agentpool_drains_it_a_busy_agent_finishes_its_job_first() {
+    let bed = Bed::start(BedOptions::new("e2e-drain")).await.expect("bed");
+    bed.apply_agentpool(bed.agentpool("linux", "linux", 5))
+        .await
+        .expect("apply");
+    let placeholder_prefix = format!("azp-placeholder-{}-linux-", bed.namespace);
+    eventually("finalizer and placeholder", DEADLINE, || async {
+        let pool = agentpools(&bed).get("linux").await.ok()?;
+        let finalizers = pool.metadata.finalizers.unwrap_or_default();
+        (finalizers.contains(&"azp-autoscaler.dev/drain".to_owned())
+            && agent_names(&bed)
+                .iter()
+                .any(|n| n.starts_with(&placeholder_prefix)))
+        .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+
+    // One agent busy with a job.
+    let id = bed
+        .sim
+        .queue(
+            ORG,
+            "linux",
+            RequestSpec::new().duration(Duration::from_secs(8)),
+        )
+        .expect("queue");
+    let running = bed
+        .sim
+        .wait_request(ORG, id, DEADLINE, |r| r.receive_time.is_some())
+        .await
+        .expect("request");
+    assert!(running.result.is_none(), "{running:?}");
+
+    // Delete the AgentPool (background propagation, as kubectl and helm do): it stays, draining.
+    agentpools(&bed)
+        .delete("linux", &kube::api::DeleteParams::background())
+        .await
+        .expect("delete");
+    let pool = agentpools(&bed).get("linux").await.expect("still there");
+    assert!(pool.metadata.deletion_timestamp.is_some());
+
+    // The busy agent's job completes normally...
+    let done = bed
+        .sim
+        .wait_request(ORG, id, DEADLINE, |r| r.result.is_some())
+        .await
+        .expect("request");
+    assert_eq!(done.result.as_deref(), Some("succeeded"), "{done:?}");
+
+    // ...then the AgentPool goes, and with it the placeholder.
+    eventually("the AgentPool gone", DEADLINE, || async {
+        match agentpools(&bed).get("linux").await {
+            Err(kube::Error::Api(s)) if s.code == 404 => Some(()),
+            _ => None,
+        }
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    let names = agent_names(&bed);
+    assert!(
+        !names.iter().any(|n| n.starts_with(&placeholder_prefix)),
+        "placeholder removed: {names:?}"
+    );
+    assert!(
+        names.is_empty(),
+        "no agent of the AgentPool left in ADO: {names:?}"
+    );
+    // The busy agent's Job was never killed: it succeeded.
+    let jobs = bed.jobs().await.expect("jobs");
+    assert!(
+        jobs.iter()
+            .all(|j| j.status.as_ref().and_then(|s| s.failed).unwrap_or(0) == 0),
+        "no agent Job failed: {jobs:?}"
+    );
+    bed.teardown().await;
+}

@@ -397,3 +397,96 @@ pub(crate) async fn remove_orphans(
         }
     }
 }
+
+/// Carries out one drain step of an AgentPool being deleted (see [`plan::drain`]): idle agents removed
+/// safely, unregistered Jobs and left-behind agents deleted, busy agents waited for; once nothing is left,
+/// the placeholder is deleted and then the finalizer removed.
+pub(crate) async fn drain(
+    ctx: &Context,
+    ado: &AdoClient,
+    pool_id: i32,
+    pool: &Arc<AgentPool>,
+    pool_ref: &plan::PoolRef,
+    step: &plan::Drain,
+) {
+    let pools = BTreeMap::from([(pool_ref.clone(), pool.clone())]);
+    if !step.waiting_for.is_empty() {
+        tracing::info!(agentpool = %pool_ref, busy = ?step.waiting_for, "draining: waiting for busy agents to finish their job");
+    }
+    for action in &step.actions {
+        match action {
+            plan::DrainAction::RemoveIdleAgent {
+                job_name,
+                agent_name,
+                agent_id,
+            } => {
+                let Ok(id) = i32::try_from(*agent_id) else {
+                    continue;
+                };
+                remove_idle(
+                    ctx,
+                    ado,
+                    pool_id,
+                    pool_ref,
+                    job_name,
+                    agent_name,
+                    id,
+                    "the AgentPool is being deleted",
+                    &pools,
+                )
+                .await;
+            }
+            plan::DrainAction::DeleteJob { job_name } => {
+                delete_job(ctx, pool_ref, job_name).await;
+                count_cleanup(ctx, pool_ref, "drain_job_deleted");
+                tracing::info!(agentpool = %pool_ref, job = %job_name, "draining: deleted an agent Job whose agent had not registered");
+            }
+            plan::DrainAction::DeleteAgent {
+                agent_name,
+                agent_id,
+            } => {
+                let Ok(id) = i32::try_from(*agent_id) else {
+                    continue;
+                };
+                match ado.delete_agent(pool_id, id).await {
+                    Ok(_) => {}
+                    Err(e) if e.status() == Some(404) => {}
+                    Err(e) => {
+                        tracing::warn!(agent = %agent_name, error = %e, "draining: deleting a left-behind agent failed; retried next poll");
+                        continue;
+                    }
+                }
+                count_cleanup(ctx, pool_ref, "orphan_agent_removed");
+                tracing::info!(agentpool = %pool_ref, agent = %agent_name, "draining: deleted a left-behind agent");
+            }
+            plan::DrainAction::Finish { placeholder_id } => {
+                if let Some(id) = placeholder_id.and_then(|id| i32::try_from(id).ok()) {
+                    match ado.delete_agent(pool_id, id).await {
+                        Ok(_) => {}
+                        Err(e) if e.status() == Some(404) => {}
+                        Err(e) => {
+                            tracing::warn!(agentpool = %pool_ref, error = %e, "draining: deleting the placeholder failed; retried next poll");
+                            return;
+                        }
+                    }
+                    count_cleanup(ctx, pool_ref, "placeholder_removed");
+                }
+                publish(
+                    ctx,
+                    pool,
+                    EventType::Normal,
+                    "Drained",
+                    "RemoveFinalizer",
+                    "every agent finished or was removed and the placeholder is gone: the AgentPool may go".to_owned(),
+                )
+                .await;
+                match super::finalizer::remove(ctx, pool).await {
+                    Ok(()) => tracing::info!(agentpool = %pool_ref, "drained; finalizer removed"),
+                    Err(e) => {
+                        tracing::warn!(agentpool = %pool_ref, error = %e, "removing the finalizer failed; retried next poll")
+                    }
+                }
+            }
+        }
+    }
+}

@@ -14,6 +14,7 @@ pub mod placeholder;
 pub mod snapshot;
 
 mod apply;
+mod finalizer;
 pub mod poll;
 mod status;
 

@@ -8,7 +8,7 @@ use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 
-use super::{Context, GroupKey, apply, group_key, placeholder, snapshot, status};
+use super::{Context, GroupKey, apply, finalizer, group_key, placeholder, snapshot, status};
 use crate::ado::models::{ResourceUsage, TaskAgent};
 use crate::ado::{
     AdoClient, AdoError, AdoObserver, AgentQuery, TokenSource, WorkloadIdentityConfig,
@@ -84,11 +84,13 @@ pub(crate) async fn run_group(ctx: Arc<Context>, key: GroupKey) {
     let mut state = GroupState::default();
     loop {
         let members = members(&ctx, &key);
-        if members.is_empty() {
+        let draining = draining(&ctx, &key);
+        if members.is_empty() && draining.is_empty() {
             return;
         }
         let interval = members
             .iter()
+            .chain(&draining)
             .map(|p| p.spec.poll_interval_seconds)
             .min()
             .unwrap_or(5);
@@ -99,7 +101,7 @@ pub(crate) async fn run_group(ctx: Arc<Context>, key: GroupKey) {
         tokio::pin!(woken);
         woken.as_mut().enable();
         let mut slow_down = 1.0;
-        match poll_once(&ctx, &key, &members, &mut state).await {
+        match poll_once(&ctx, &key, &members, &draining, &mut state).await {
             Ok(factor) => slow_down = factor,
             Err(e) => {
                 tracing::warn!(organization = %key.organization, ado_pool = %key.ado_pool, error = %e, "poll failed; keeping the last view, no destructive action");
@@ -144,16 +146,34 @@ fn members(ctx: &Context, key: &GroupKey) -> Vec<Arc<AgentPool>> {
     members
 }
 
+/// The group's AgentPools that are being deleted and still hold our finalizer: they are drained.
+fn draining(ctx: &Context, key: &GroupKey) -> Vec<Arc<AgentPool>> {
+    let mut draining: Vec<Arc<AgentPool>> = ctx
+        .pools
+        .state()
+        .into_iter()
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_some() && finalizer::has(p) && group_key(p) == *key
+        })
+        .collect();
+    draining.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
+    draining
+}
+
 /// One poll. Returns the slow-down factor the ADO rate limit asks for.
 async fn poll_once(
     ctx: &Context,
     key: &GroupKey,
     members: &[Arc<AgentPool>],
+    draining: &[Arc<AgentPool>],
     state: &mut GroupState,
 ) -> Result<f64, PollError> {
     let ado = client_for(ctx, key).await?;
     let ado_pool_name = members
         .first()
+        .or(draining.first())
         .map(|p| p.spec.pool.clone())
         .unwrap_or_else(|| key.ado_pool.clone());
 
@@ -181,8 +201,18 @@ async fn poll_once(
         }
     };
 
+    // The finalizer before anything is registered in ADO: whatever we register, a deletion drains.
+    for pool in members {
+        if let Err(e) = finalizer::ensure(ctx, pool).await {
+            tracing::warn!(agentpool = ?snapshot::pool_ref(pool), error = %e, "adding the finalizer failed; retried next poll");
+        }
+    }
     for pool in &valid {
         ensure_placeholder(ctx, &ado, pool_id, pool, state).await?;
+    }
+    if !draining.is_empty() {
+        // Draining decides "nothing left" from the agents list: read it fresh every poll.
+        state.agents_read = None;
     }
 
     let requests = ado.job_requests(pool_id).await?;
@@ -246,6 +276,27 @@ async fn poll_once(
         .collect();
     apply::apply(ctx, &ado, pool_id, &plan, &by_ref).await;
     apply::remove_orphans(ctx, &ado, pool_id, &plan, &cleanup.remove, &by_ref).await;
+    for pool in draining {
+        let Some(pool_ref) = snapshot::pool_ref(pool) else {
+            continue;
+        };
+        let scope = plan::DrainScope {
+            owner_capability: job::OWNER_CAPABILITY.to_owned(),
+            owner_value: job::owner_tag(&ctx.cluster_id, &pool_ref.namespace, &pool_ref.name),
+            placeholder_name: placeholder::name(
+                &ctx.cluster_id,
+                &pool_ref.namespace,
+                &pool_ref.name,
+            ),
+            agent_pool: pool_ref.clone(),
+        };
+        let cluster = cluster_snapshot(ctx, std::slice::from_ref(pool), &state.agents);
+        let step = plan::drain(&ado_snapshot, &cluster, &scope);
+        apply::drain(ctx, &ado, pool_id, pool, &pool_ref, &step).await;
+        if step.finishes() {
+            state.placeholders.remove(&pool_ref);
+        }
+    }
     for (pool_ref, pool) in &by_ref {
         if let Some(summary) = plan.pool(pool_ref) {
             status::polled(ctx, pool, &ado_pool_name, pool_id, summary).await;

@@ -110,6 +110,7 @@
 
 pub mod cleanup;
 pub mod demand;
+pub mod drain;
 pub mod model;
 pub mod names;
 pub mod output;
@@ -121,6 +122,7 @@ mod tests;
 
 pub use cleanup::{Cleanup, OrphanAgent, OwnerScope, cleanup};
 pub use demand::{Capabilities, Demand, DemandParseError};
+pub use drain::{Drain, DrainAction, DrainScope, drain};
 pub use model::{
     AdoSnapshot, Agent, AgentId, AgentJob, AgentPoolSpec, AgentRef, AgentStatus, ClusterSnapshot,
     JobPhase, JobRequest, ParallelJobUsage, PoolRef, RequestId,

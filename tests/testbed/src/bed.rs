@@ -418,6 +418,23 @@ impl Bed {
         if let Some(node) = self.node.take() {
             let _ = node.shutdown().await;
         }
+        // With the controller gone nothing drains the AgentPools: drop their finalizers, or the namespace
+        // would stay Terminating.
+        let pools: Api<kube::core::DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &self.namespace, &agentpool_resource());
+        if let Ok(list) = pools.list(&ListParams::default()).await {
+            for pool in list.items {
+                if let Some(name) = pool.metadata.name {
+                    let _ = pools
+                        .patch(
+                            &name,
+                            &PatchParams::default(),
+                            &Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}})),
+                        )
+                        .await;
+                }
+            }
+        }
         let _ = Api::<Namespace>::all(self.client.clone())
             .delete(&self.namespace, &DeleteParams::background())
             .await;
