@@ -55,6 +55,10 @@ struct ControllerArgs {
     /// Log format.
     #[arg(long, env = "AZP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
+    /// Allow-list file (YAML): which organizations / ADO pools the AgentPools of each namespace may use with
+    /// the controller's identity. Without it, any namespace may use any organization.
+    #[arg(long, env = "AZP_ALLOW_LIST")]
+    allow_list: Option<PathBuf>,
     #[command(flatten)]
     hooks: HookArgs,
 }
@@ -172,6 +176,11 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         admin_addr: args.admin_addr,
         agents_every: Duration::from_secs(args.agents_every_seconds.max(1)),
         orphan_grace: Duration::from_secs(args.orphan_grace_seconds),
+        allow_list: args
+            .allow_list
+            .as_deref()
+            .map(azp_autoscaler::controller::allow::AllowList::load)
+            .transpose()?,
         ..azp_autoscaler::controller::Config::default()
     };
     let metrics = azp_autoscaler::metrics::Metrics::new();

@@ -636,3 +636,38 @@ async fn plan_output_equals_what_the_controller_then_does() {
     assert_eq!(counts, (1, 1), "the controller did what plan said");
     bed.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_allow_list_keeps_the_controller_identity_away_from_unlisted_organizations() {
+    let file = std::env::temp_dir().join(format!("azp-allow-{}.yaml", std::process::id()));
+    std::fs::write(
+        &file,
+        "namespaces:\n  \"*\":\n    organizations: [https://dev.azure.com/somewhere-else]\n",
+    )
+    .expect("write");
+    let mut opts = BedOptions::new("e2e-allow");
+    opts.controller_args = vec!["--allow-list".to_owned(), file.display().to_string()];
+    let bed = Bed::start(opts).await.expect("bed");
+    bed.apply_agentpool(bed.agentpool("linux", "linux", 2))
+        .await
+        .expect("apply");
+    let message = eventually("Degraded NotAllowed", DEADLINE, || async {
+        let s = bed.agentpool_status("linux").await?;
+        let (st, reason, message) = condition(&s, "Degraded")?;
+        (st == "True" && reason == "NotAllowed").then_some(message)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", bed.controller_logs()));
+    assert!(message.contains("allow-list"), "{message}");
+    // The identity was never used against the organization: no placeholder, no call at all.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(bed.sim.agents(ORG, "linux").expect("agents").is_empty());
+    assert_eq!(bed.sim.call_count("jobrequests.list"), 0);
+    assert_eq!(
+        bed.sim.call_count("entra.token"),
+        0,
+        "not even a token was requested"
+    );
+    bed.teardown().await;
+    let _ = std::fs::remove_file(file);
+}

@@ -10,6 +10,7 @@
 //! together, so one request never gets agents from two AgentPools and the ADO call budget is one
 //! `jobrequests` per poll however many AgentPools share the pool.
 
+pub mod allow;
 pub mod placeholder;
 pub mod snapshot;
 
@@ -62,6 +63,8 @@ pub struct Config {
     pub orphan_grace: Duration,
     /// Wakes every poll task at once (shared with the service-hook endpoint).
     pub wake: Arc<Notify>,
+    /// Which organizations / ADO pools each namespace may use with the controller's identity (None: any).
+    pub allow_list: Option<allow::AllowList>,
 }
 
 impl Default for Config {
@@ -76,6 +79,7 @@ impl Default for Config {
             instance: std::env::var("POD_NAME").unwrap_or_else(|_| "azp-autoscaler".to_owned()),
             orphan_grace: Duration::from_secs(120),
             wake: Arc::new(Notify::new()),
+            allow_list: None,
         }
     }
 }

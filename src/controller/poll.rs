@@ -170,6 +170,26 @@ async fn poll_once(
     draining: &[Arc<AgentPool>],
     state: &mut GroupState,
 ) -> Result<f64, PollError> {
+    // The controller's identity is lent only where the allow-list says so (checked before any token use).
+    let allowed: Vec<Arc<AgentPool>>;
+    let members = match (&ctx.config.allow_list, &key.auth) {
+        (Some(list), super::AuthKey::WorkloadIdentity(_)) => {
+            let mut ok = Vec::new();
+            for pool in members {
+                let ns = pool.metadata.namespace.as_deref().unwrap_or_default();
+                match list.check(ns, &pool.spec.organization, &pool.spec.pool) {
+                    Ok(()) => ok.push(pool.clone()),
+                    Err(why) => status::degraded(ctx, pool, "NotAllowed", &why).await,
+                }
+            }
+            allowed = ok;
+            if allowed.is_empty() && draining.is_empty() {
+                return Ok(1.0);
+            }
+            &allowed[..]
+        }
+        _ => members,
+    };
     let ado = client_for(ctx, key).await?;
     let ado_pool_name = members
         .first()
