@@ -325,3 +325,64 @@ async fn deleting_an_agentpool_drains_it_a_busy_agent_finishes_its_job_first() {
     );
     bed.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_placeholder_follows_the_agentpools_capabilities_and_agent_version() {
+    let bed = Bed::start(BedOptions::new("e2e-placeholder"))
+        .await
+        .expect("bed");
+    let mut manifest = bed.agentpool("linux", "linux", 5);
+    manifest["spec"]["capabilities"] = serde_json::json!({"docker": "true"});
+    bed.apply_agentpool(manifest.clone()).await.expect("apply");
+    let prefix = format!("azp-placeholder-{}-linux-", bed.namespace);
+    let placeholder = |want: &'static [(&'static str, &'static str)], version: String| {
+        let bed = &bed;
+        let prefix = prefix.clone();
+        async move {
+            let agents = bed.sim.agents(ORG, "linux").ok()?;
+            let p: Vec<_> = agents
+                .into_iter()
+                .filter(|a| a.name.starts_with(&prefix))
+                .collect();
+            let [p] = &p[..] else { return None };
+            let caps = &p.system_capabilities;
+            (p.version == version
+                && !p.online
+                && caps.get("azp-autoscaler.placeholder").map(String::as_str) == Some("true")
+                && want
+                    .iter()
+                    .all(|(k, v)| caps.get(*k).map(String::as_str) == Some(*v)))
+            .then(|| (p.id, caps.clone()))
+        }
+    };
+    let version = azp_testbed::standin::AGENT_VERSION.to_owned();
+    let (first_id, _) = eventually("the placeholder", DEADLINE, || {
+        placeholder(&[("docker", "true")], version.clone())
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+
+    // New capabilities and a newer agent image: the same placeholder now advertises them.
+    manifest["spec"]["capabilities"] = serde_json::json!({"docker": "true", "gpu": "a100"});
+    manifest["spec"]["agentVersion"] = serde_json::json!("9.1.0");
+    bed.apply_agentpool(manifest).await.expect("apply");
+    let (id, caps) = eventually("the placeholder updated", DEADLINE, || {
+        placeholder(
+            &[
+                ("docker", "true"),
+                ("gpu", "a100"),
+                ("Agent.Version", "9.1.0"),
+            ],
+            "9.1.0".to_owned(),
+        )
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    assert_eq!(id, first_id, "updated in place, not a second placeholder");
+    assert_eq!(
+        caps.get("azp-autoscaler.owner").map(String::as_str),
+        Some(format!("bed-{ns}/{ns}/linux", ns = bed.namespace).as_str())
+    );
+    assert_eq!(agent_names(&bed).len(), 1, "one placeholder, nothing else");
+    bed.teardown().await;
+}
