@@ -52,6 +52,18 @@ struct ControllerArgs {
     /// deregistration failed) and no request before it is deleted.
     #[arg(long, env = "AZP_ORPHAN_GRACE_SECONDS", default_value_t = 120)]
     orphan_grace_seconds: u64,
+    /// Run as one of several replicas: only the holder of a coordination.k8s.io/v1 Lease polls and writes.
+    #[arg(long, env = "AZP_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the leader Lease (default: POD_NAMESPACE, else --namespace).
+    #[arg(long, env = "AZP_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "azp-autoscaler-leader")]
+    lease_name: String,
+    /// Seconds a leader's Lease lasts without renewal (renewed every third of it).
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
     /// Log format.
     #[arg(long, env = "AZP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
@@ -167,20 +179,41 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 
 async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
+    // Configuration errors first: a bad allow-list stops the controller before it touches anything.
+    let allow_list = args
+        .allow_list
+        .as_deref()
+        .map(azp_autoscaler::controller::allow::AllowList::load)
+        .transpose()?;
     let client = kube::Client::try_default()
         .await
         .context("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let leader_election = if args.leader_elect {
+        let namespace = args
+            .lease_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .or_else(|| args.namespace.clone())
+            .context("--leader-elect needs the Lease's namespace: set --lease-namespace or POD_NAMESPACE")?;
+        let instance = std::env::var("POD_NAME").unwrap_or_else(|_| "azp-autoscaler".to_owned());
+        Some(azp_autoscaler::controller::leader::LeaderConfig {
+            namespace,
+            name: args.lease_name.clone(),
+            // Unique per process: a restarted pod with the same name must not inherit the old lease blindly.
+            identity: format!("{instance}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            duration: Duration::from_secs(args.lease_duration_seconds.max(3)),
+        })
+    } else {
+        None
+    };
     let config = azp_autoscaler::controller::Config {
         namespace: args.namespace,
         cluster_id: args.cluster_id,
         admin_addr: args.admin_addr,
         agents_every: Duration::from_secs(args.agents_every_seconds.max(1)),
         orphan_grace: Duration::from_secs(args.orphan_grace_seconds),
-        allow_list: args
-            .allow_list
-            .as_deref()
-            .map(azp_autoscaler::controller::allow::AllowList::load)
-            .transpose()?,
+        allow_list,
+        leader_election,
         ..azp_autoscaler::controller::Config::default()
     };
     let metrics = azp_autoscaler::metrics::Metrics::new();
