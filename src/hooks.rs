@@ -10,7 +10,8 @@
 //! 2. **Authentication**: HTTP Basic and/or a shared-secret header, as ADO's Web Hooks consumer can send
 //!    them (it signs nothing). Every configured method must pass. Secrets are kept only as SHA-256 digests
 //!    and compared in constant time; `401` otherwise.
-//! 3. **Body**: JSON only (`415`), at most `max_body_bytes` (`413`), read only after authentication.
+//! 3. **Body**: JSON only (`415`), at most `max_body_bytes` (`413`), within `body_timeout` (`408`), read
+//!    only after authentication.
 //! 4. **Payload**: a JSON object with `eventType` `ms.vss-pipelines.job-state-changed-event` (and
 //!    `publisherId` `pipelines` when present). Malformed JSON or wrong field types: `400`; another event
 //!    type or publisher: `422`. Each with a one-line reason.
@@ -275,6 +276,8 @@ pub struct Settings {
     pub burst: NonZeroU32,
     /// Accepted hooks within this interval wake the polls once.
     pub min_wake_interval: Duration,
+    /// Longest time to receive a body (a slow sender holds no connection for long): `408` after it.
+    pub body_timeout: Duration,
 }
 
 impl Settings {
@@ -286,6 +289,7 @@ impl Settings {
             rate_per_second: NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN),
             burst: NonZeroU32::new(100).unwrap_or(NonZeroU32::MIN),
             min_wake_interval: Duration::from_secs(1),
+            body_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -569,10 +573,19 @@ async fn handle(State(inner): State<Arc<Inner>>, request: Request) -> Response {
     if declared.is_some_and(|n| n > limit as u64) {
         return too_large();
     }
-    let bytes = match read_body(body, limit).await {
-        Ok(bytes) => bytes,
-        Err(BodyError::TooLarge) => return too_large(),
-        Err(BodyError::Read) => {
+    let read = tokio::time::timeout(inner.settings.body_timeout, read_body(body, limit));
+    let bytes = match read.await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(BodyError::TooLarge)) => return too_large(),
+        Err(_) => {
+            return reply(
+                &inner,
+                "timeout",
+                StatusCode::REQUEST_TIMEOUT,
+                "the service-hook body did not arrive in time",
+            );
+        }
+        Ok(Err(BodyError::Read)) => {
             return reply(
                 &inner,
                 "malformed",

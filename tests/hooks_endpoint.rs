@@ -304,3 +304,27 @@ async fn a_header_token_alone_is_enough_when_it_is_the_only_method() {
     assert_eq!(response.status().as_u16(), 401);
     assert!(!response.headers().contains_key("www-authenticate"));
 }
+
+/// A sender that stops mid-body is answered 408 instead of holding the connection.
+#[tokio::test]
+async fn a_stalled_body_is_408() {
+    let ep = Endpoint::start(|s| s.body_timeout = Duration::from_millis(300)).await;
+    let mut stream = tokio::net::TcpStream::connect(ep.addr).await.unwrap();
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: x\r\nAuthorization: Basic YWRvOnMzY3JldA==\r\n{TOKEN_HEADER}: tok-123\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{{\"a\":",
+        hooks::PATH
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .expect("answered while the body is still missing")
+    .unwrap();
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert_eq!(ep.metric("timeout"), 1);
+    assert_eq!(ep.settled_wakes().await, 0);
+}
