@@ -214,24 +214,15 @@ async fn remove_idle(
             .await?
             .into_iter()
             .find(|a| a.id == agent_id);
-        if agent
-            .as_ref()
-            .is_some_and(|a| a.last_completed_request.is_some())
-        {
-            // It already ran its one job and is deregistering: not idle, its Job ends by itself.
-            return Ok(false);
-        }
-        let holds_request = agent.as_ref().is_some_and(|a| a.assigned_request.is_some())
-            || requests.iter().any(|r| {
-                r.finish_time.is_none()
-                    && r.reserved_agent.as_ref().is_some_and(|a| {
-                        a.id == agent_id || a.name.eq_ignore_ascii_case(agent_name)
-                    })
-            });
-        if holds_request {
-            ado.update_agent(pool_id, agent_id, &AgentUpdate::enabled(true))
-                .await?;
-            return Ok(false);
+        match snapshot::removal_recheck(agent.as_ref(), &requests, agent_id, agent_name) {
+            snapshot::Recheck::StillIdle => {}
+            // It already ran its one job and is deregistering: its Job ends by itself.
+            snapshot::Recheck::Finishing => return Ok(false),
+            snapshot::Recheck::GotWork => {
+                ado.update_agent(pool_id, agent_id, &AgentUpdate::enabled(true))
+                    .await?;
+                return Ok(false);
+            }
         }
         Ok(true)
     }

@@ -470,6 +470,41 @@ mod tests {
     }
 }
 
+/// What the re-check of an agent being removed found (after disabling it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recheck {
+    /// Nothing holds it: delete its Job and the agent.
+    StillIdle,
+    /// It got a request in between (its `assignedRequest`, or a request's `reservedAgent`): re-enable it
+    /// and keep it.
+    GotWork,
+    /// It already completed its one job and is deregistering: leave it, its Job ends by itself.
+    Finishing,
+}
+
+/// The re-check of the disable → re-check → delete removal, from fresh reads of the agent and the requests.
+pub fn removal_recheck(
+    agent: Option<&TaskAgent>,
+    requests: &[TaskAgentJobRequest],
+    agent_id: i32,
+    agent_name: &str,
+) -> Recheck {
+    if agent.is_some_and(|a| a.last_completed_request.is_some()) {
+        return Recheck::Finishing;
+    }
+    let reserved = requests.iter().any(|r| {
+        r.finish_time.is_none()
+            && r.reserved_agent
+                .as_ref()
+                .is_some_and(|a| a.id == agent_id || a.name.eq_ignore_ascii_case(agent_name))
+    });
+    if reserved || agent.is_some_and(|a| a.assigned_request.is_some()) {
+        Recheck::GotWork
+    } else {
+        Recheck::StillIdle
+    }
+}
+
 /// The phases of one request's time to agent, each measured from its queue time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestTimings {
@@ -557,6 +592,54 @@ pub fn request_timings(
         });
     }
     out
+}
+
+#[cfg(test)]
+mod recheck_tests {
+    use super::*;
+
+    #[test]
+    fn removal_recheck_table() {
+        let agent = |extra: serde_json::Value| -> TaskAgent {
+            let mut v = serde_json::json!({"id": 7, "name": "linux-1-1-abcd1234"});
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            serde_json::from_value(v).unwrap()
+        };
+        let reqs = |v: serde_json::Value| -> Vec<TaskAgentJobRequest> {
+            serde_json::from_value(v).unwrap()
+        };
+        let idle = agent(serde_json::json!({}));
+        let assigned = agent(serde_json::json!({"assignedRequest": {"requestId": 3}}));
+        let done = agent(serde_json::json!({"lastCompletedRequest": {"requestId": 2}}));
+        let none = reqs(serde_json::json!([]));
+        let reserved_by_id =
+            reqs(serde_json::json!([{"requestId": 3, "reservedAgent": {"id": 7, "name": "x"}}]));
+        let reserved_by_name = reqs(
+            serde_json::json!([{"requestId": 3, "reservedAgent": {"id": 99, "name": "LINUX-1-1-ABCD1234"}}]),
+        );
+        let finished = reqs(
+            serde_json::json!([{"requestId": 3, "finishTime": "2026-11-26T10:00:00Z",
+            "reservedAgent": {"id": 7, "name": "linux-1-1-abcd1234"}}]),
+        );
+        let cases = [
+            (Some(&idle), &none, Recheck::StillIdle),
+            (None, &none, Recheck::StillIdle),
+            (Some(&assigned), &none, Recheck::GotWork),
+            (Some(&idle), &reserved_by_id, Recheck::GotWork),
+            (Some(&idle), &reserved_by_name, Recheck::GotWork),
+            (Some(&idle), &finished, Recheck::StillIdle),
+            (Some(&done), &reserved_by_id, Recheck::Finishing),
+        ];
+        for (i, (a, r, want)) in cases.into_iter().enumerate() {
+            assert_eq!(
+                removal_recheck(a, r, 7, "linux-1-1-abcd1234"),
+                want,
+                "case {i}"
+            );
+        }
+    }
 }
 
 #[cfg(test)]
