@@ -200,7 +200,10 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             namespace,
             name: args.lease_name.clone(),
             // Unique per process: a restarted pod with the same name must not inherit the old lease blindly.
-            identity: format!("{instance}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            identity: format!(
+                "{instance}-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
             duration: Duration::from_secs(args.lease_duration_seconds.max(3)),
         })
     } else {

@@ -386,3 +386,194 @@ async fn the_placeholder_follows_the_agentpools_capabilities_and_agent_version()
     assert_eq!(agent_names(&bed).len(), 1, "one placeholder, nothing else");
     bed.teardown().await;
 }
+
+/// Lets the bed's controller ServiceAccount hold the leader Lease in the bed's namespace (the chart
+/// grants this in the controller's own namespace only).
+async fn grant_lease(bed: &Bed) {
+    use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+    use kube::api::{ObjectMeta, PostParams};
+    let name = "azp-autoscaler-leader";
+    Api::<Role>::namespaced(bed.client.clone(), &bed.namespace)
+        .create(
+            &PostParams::default(),
+            &Role {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    ..ObjectMeta::default()
+                },
+                rules: Some(vec![PolicyRule {
+                    api_groups: Some(vec!["coordination.k8s.io".into()]),
+                    resources: Some(vec!["leases".into()]),
+                    verbs: vec!["get".into(), "create".into(), "update".into()],
+                    ..PolicyRule::default()
+                }]),
+            },
+        )
+        .await
+        .expect("role");
+    Api::<RoleBinding>::namespaced(bed.client.clone(), &bed.namespace)
+        .create(
+            &PostParams::default(),
+            &RoleBinding {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    ..ObjectMeta::default()
+                },
+                role_ref: RoleRef {
+                    api_group: "rbac.authorization.k8s.io".into(),
+                    kind: "Role".into(),
+                    name: name.into(),
+                },
+                subjects: Some(vec![Subject {
+                    kind: "ServiceAccount".into(),
+                    name: azp_testbed::bed::CONTROLLER_SA.into(),
+                    namespace: Some(bed.namespace.clone()),
+                    ..Subject::default()
+                }]),
+            },
+        )
+        .await
+        .expect("role binding");
+}
+
+async fn leader_metric(addr: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|l| l.starts_with("azp_autoscaler_leader "))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn served_requests(bed: &Bed, n: usize) -> Vec<u64> {
+    (0..n)
+        .map(|_| {
+            bed.sim
+                .queue(
+                    ORG,
+                    "linux",
+                    RequestSpec::new().duration(Duration::from_millis(300)),
+                )
+                .expect("queue")
+        })
+        .collect()
+}
+
+async fn all_succeeded(bed: &Bed, ids: &[u64]) {
+    for id in ids {
+        let r = bed
+            .sim
+            .wait_request(ORG, *id, DEADLINE, |r| r.result.is_some())
+            .await
+            .expect("request");
+        if r.result.as_deref() != Some("succeeded") {
+            fail(bed, format!("request {id}: {r:?}"));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_one_leader_writes_and_the_other_takes_over_when_it_dies() {
+    let election = [
+        "--leader-elect".to_owned(),
+        "--lease-duration-seconds".to_owned(),
+        "6".to_owned(),
+    ];
+    let mut opts = BedOptions::new("e2e-leader");
+    opts.start_controller = false;
+    opts.controller_args = election.to_vec();
+    let mut bed = Bed::start(opts).await.expect("bed");
+    grant_lease(&bed).await;
+    bed.start_controller().expect("controller 1");
+    // The second replica: same binary, identity and settings, its own admin port.
+    let second_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").to_string()
+    };
+    let log = std::fs::File::create(bed.dir.join("controller-replica-2.log")).expect("log");
+    let mut second =
+        tokio::process::Command::new(azp_testbed::bed::bin_dir().join("azp-autoscaler"))
+            .args([
+                "controller",
+                "--namespace",
+                &bed.namespace,
+                "--cluster-id",
+                &format!("bed-{}", bed.namespace),
+                "--admin-addr",
+                &second_addr,
+                "--agents-every-seconds",
+                "3",
+            ])
+            .args(election)
+            .env_clear()
+            .envs(bed.controller_env())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("controller 2");
+    let first_addr = bed.admin_addr.clone();
+
+    // Exactly one leader.
+    let first_leads = eventually("one leader, one follower", DEADLINE, || async {
+        match (
+            leader_metric(&first_addr).await?,
+            leader_metric(&second_addr).await?,
+        ) {
+            (a, b) if a == 1.0 && b == 0.0 => Some(true),
+            (a, b) if a == 0.0 && b == 1.0 => Some(false),
+            _ => None,
+        }
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+
+    bed.apply_agentpool(bed.agentpool("linux", "linux", 5))
+        .await
+        .expect("apply");
+    let prefix = format!("azp-placeholder-{}-linux-", bed.namespace);
+    eventually("the placeholder", DEADLINE, || async {
+        agent_names(&bed)
+            .iter()
+            .any(|n| n.starts_with(&prefix))
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    let ids = served_requests(&bed, 3);
+    all_succeeded(&bed, &ids).await;
+    assert_eq!(
+        bed.jobs().await.expect("jobs").len(),
+        3,
+        "one agent Job per request with two replicas"
+    );
+
+    // The leader dies without a word (SIGKILL): the follower takes over once the Lease runs out.
+    let survivor = if first_leads {
+        bed.kill_controller().await;
+        second_addr.clone()
+    } else {
+        let _ = second.kill().await;
+        first_addr.clone()
+    };
+    eventually("the follower leads", DEADLINE, || async {
+        (leader_metric(&survivor).await? == 1.0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    let more = served_requests(&bed, 2);
+    all_succeeded(&bed, &more).await;
+    assert_eq!(
+        bed.jobs().await.expect("jobs").len(),
+        5,
+        "the new leader served the new requests, once each"
+    );
+    let _ = second.kill().await;
+    bed.teardown().await;
+}

@@ -16,6 +16,7 @@ pub mod snapshot;
 
 mod apply;
 mod finalizer;
+pub mod leader;
 pub mod poll;
 mod status;
 
@@ -63,6 +64,8 @@ pub struct Config {
     pub orphan_grace: Duration,
     /// Wakes every poll task at once (shared with the service-hook endpoint).
     pub wake: Arc<Notify>,
+    /// Leader election among replicas (None: this replica always writes).
+    pub leader_election: Option<leader::LeaderConfig>,
     /// Which organizations / ADO pools each namespace may use with the controller's identity (None: any).
     pub allow_list: Option<allow::AllowList>,
 }
@@ -79,6 +82,7 @@ impl Default for Config {
             instance: std::env::var("POD_NAME").unwrap_or_else(|_| "azp-autoscaler".to_owned()),
             orphan_grace: Duration::from_secs(120),
             wake: Arc::new(Notify::new()),
+            leader_election: None,
             allow_list: None,
         }
     }
@@ -125,6 +129,8 @@ pub(crate) struct Context {
     pub recorder: Recorder,
     /// Wakes every poll task at once (e.g. a service hook); polling goes on regardless.
     pub wake: Arc<Notify>,
+    /// Whether this replica may write (holds the leader Lease, or no election).
+    pub leadership: Arc<leader::Leadership>,
 }
 
 /// Which AgentPools are planned together.
@@ -248,6 +254,13 @@ pub async fn run(client: Client, config: Config, metrics: Metrics) -> Result<(),
         metrics.clone(),
         readiness.clone(),
     ));
+    let leadership = match &config.leader_election {
+        Some(election) => leader::start(client.clone(), election.clone(), metrics.clone()),
+        None => {
+            metrics.leader.set(1);
+            Arc::new(leader::Leadership::single())
+        }
+    };
 
     let (pools, pools_writer) = reflector::store::<AgentPool>();
     let (jobs, jobs_writer) = reflector::store::<Job>();
@@ -313,6 +326,7 @@ pub async fn run(client: Client, config: Config, metrics: Metrics) -> Result<(),
         metrics,
         recorder,
         wake,
+        leadership,
     });
     supervise(ctx).await;
     Ok(())
@@ -336,6 +350,14 @@ where
 async fn supervise(ctx: Arc<Context>) {
     let mut tasks: HashMap<GroupKey, tokio::task::JoinHandle<()>> = HashMap::new();
     loop {
+        if !ctx.leadership.is_leader() {
+            // Only the leader polls and writes; the others keep their caches warm.
+            for (_, task) in tasks.drain() {
+                task.abort();
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
         let mut wanted: Vec<GroupKey> = ctx.pools.state().iter().map(|p| group_key(p)).collect();
         wanted.sort();
         wanted.dedup();

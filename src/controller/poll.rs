@@ -294,6 +294,10 @@ async fn poll_once(
         .iter()
         .filter_map(|p| Some((snapshot::pool_ref(p)?, p.clone())))
         .collect();
+    if !ctx.leadership.is_leader() {
+        // Leadership ended while reading: write nothing (the new leader plans afresh).
+        return Ok(1.0);
+    }
     apply::apply(ctx, &ado, pool_id, &plan, &by_ref).await;
     apply::remove_orphans(ctx, &ado, pool_id, &plan, &cleanup.remove, &by_ref).await;
     for pool in draining {

@@ -111,6 +111,7 @@
 pub mod cleanup;
 pub mod demand;
 pub mod drain;
+pub mod lease;
 pub mod model;
 pub mod names;
 pub mod output;
@@ -123,6 +124,7 @@ mod tests;
 pub use cleanup::{Cleanup, OrphanAgent, OwnerScope, cleanup};
 pub use demand::{Capabilities, Demand, DemandParseError};
 pub use drain::{Drain, DrainAction, DrainScope, drain};
+pub use lease::{LeaseRecord, LeaseStep, lease_step, still_leader};
 pub use model::{
     AdoSnapshot, Agent, AgentId, AgentJob, AgentPoolSpec, AgentRef, AgentStatus, ClusterSnapshot,
     JobPhase, JobRequest, ParallelJobUsage, PoolRef, RequestId,
