@@ -67,6 +67,13 @@
 //! AgentPools) that hold no request and that no unfinished agent Job runs are deleted from ADO once
 //! they have been so for a grace period; placeholders and foreign agents never.
 //!
+//! **Drain** ([`drain()`]). An AgentPool being deleted (held by its finalizer) waits for its busy
+//! agents, removes idle ones safely, deletes unregistered Jobs and left-behind agents, and only then
+//! its placeholder and its finalizer.
+//!
+//! **Leader election** ([`lease_step`], [`still_leader`]). With several replicas only the holder of
+//! an unexpired Lease writes; it stops a margin before its Lease could be taken over.
+//!
 //! # Example
 //!
 //! ```
