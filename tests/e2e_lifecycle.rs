@@ -577,3 +577,62 @@ async fn two_replicas_one_leader_writes_and_the_other_takes_over_when_it_dies() 
     let _ = second.kill().await;
     bed.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_cleanup_while_ado_reads_fail_then_cleanup_resumes() {
+    use azp_testbed::sim::{EndpointClass, Fault, FaultKind};
+    let mut opts = BedOptions::new("e2e-nocleanup");
+    opts.controller_args = vec!["--orphan-grace-seconds".into(), "1".into()];
+    let bed = Bed::start(opts).await.expect("bed");
+    bed.sim
+        .add_identity(IdentitySpec::new(FOREIGN_CLIENT_ID).object_id(FOREIGN_OBJECT_ID));
+    bed.sim.add_member(ORG, FOREIGN_OBJECT_ID).expect("member");
+    bed.apply_agentpool(bed.agentpool("linux", "linux", 5))
+        .await
+        .expect("apply");
+    let prefix = format!("azp-placeholder-{}-linux-", bed.namespace);
+    eventually("the placeholder", DEADLINE, || async {
+        agent_names(&bed)
+            .iter()
+            .any(|n| n.starts_with(&prefix))
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+
+    // Every job request read now fails: each poll fails, so nothing is destroyed, whatever it sees.
+    bed.sim.inject_fault(Fault::always(
+        EndpointClass::JobRequests,
+        FaultKind::MalformedJson,
+    ));
+    let ours = format!("bed-{ns}/{ns}/linux", ns = bed.namespace);
+    register_agent(
+        &bed,
+        "linux-66-1-deadbeef",
+        serde_json::json!({"azp-autoscaler.owner": ours}),
+    )
+    .await;
+    let before = bed.sim.call_count("jobrequests.list");
+    eventually("ten failed polls", DEADLINE, || async {
+        (bed.sim.call_count("jobrequests.list") >= before + 10).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    assert!(
+        agent_names(&bed).contains(&"linux-66-1-deadbeef".to_owned()),
+        "no cleanup after failed ADO reads"
+    );
+
+    // ADO answers again: the left-behind agent goes.
+    bed.sim.clear_faults();
+    eventually("the left-behind agent cleaned", DEADLINE, || async {
+        (!agent_names(&bed).contains(&"linux-66-1-deadbeef".to_owned())).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    assert!(
+        agent_names(&bed).iter().any(|n| n.starts_with(&prefix)),
+        "the placeholder stays"
+    );
+    bed.teardown().await;
+}
