@@ -309,7 +309,8 @@ pub(crate) async fn publish(
 /// Deletes our left-behind agents from ADO (see [`plan::cleanup`]). Each is re-checked right before:
 /// read again from ADO (still there, still holding no request), no unfinished agent Job of ours runs an
 /// agent of that name (the cache, and the Jobs this poll just created). Anything doubtful waits for the
-/// next poll.
+/// next poll. Returns the ids of the agents that are gone from ADO now (deleted, or already gone), so the
+/// caller's (possibly older) agents list forgets them.
 pub(crate) async fn remove_orphans(
     ctx: &Context,
     ado: &AdoClient,
@@ -317,7 +318,8 @@ pub(crate) async fn remove_orphans(
     plan: &plan::Plan,
     orphans: &[plan::OrphanAgent],
     pools: &BTreeMap<plan::PoolRef, Arc<AgentPool>>,
-) {
+) -> Vec<i32> {
+    let mut gone = Vec::new();
     for orphan in orphans {
         let name = &orphan.agent_name;
         let being_created = plan.creates().any(|a| {
@@ -346,11 +348,14 @@ pub(crate) async fn remove_orphans(
             Ok(agents) => agents.into_iter().find(|a| a.id == agent_id),
             Err(e) => {
                 tracing::warn!(agent = %name, error = %e, "re-reading a left-behind agent failed; cleanup retries");
-                return;
+                return gone;
             }
         };
         match fresh {
-            None => continue,
+            None => {
+                gone.push(agent_id);
+                continue;
+            }
             Some(a) if a.assigned_request.is_some() => {
                 tracing::info!(agent = %name, "left-behind agent holds a request now: kept");
                 continue;
@@ -373,6 +378,7 @@ pub(crate) async fn remove_orphans(
                 continue;
             }
         }
+        gone.push(agent_id);
         count_cleanup(ctx, &orphan.agent_pool, "orphan_agent_removed");
         tracing::info!(agentpool = %orphan.agent_pool, agent = %name, agent_id, reason = %orphan.reason, "left-behind agent deleted from ADO");
         if let Some(pool) = pools.get(&orphan.agent_pool) {
@@ -387,6 +393,7 @@ pub(crate) async fn remove_orphans(
             .await;
         }
     }
+    gone
 }
 
 /// Carries out one drain step of an AgentPool being deleted (see [`plan::drain`]): idle agents removed

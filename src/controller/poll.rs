@@ -299,7 +299,8 @@ async fn poll_once(
         return Ok(1.0);
     }
     apply::apply(ctx, &ado, pool_id, &plan, &by_ref).await;
-    apply::remove_orphans(ctx, &ado, pool_id, &plan, &cleanup.remove, &by_ref).await;
+    let gone = apply::remove_orphans(ctx, &ado, pool_id, &plan, &cleanup.remove, &by_ref).await;
+    state.agents.retain(|a| !gone.contains(&a.id));
     for pool in draining {
         let Some(pool_ref) = snapshot::pool_ref(pool) else {
             continue;
