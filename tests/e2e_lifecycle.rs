@@ -636,3 +636,55 @@ async fn no_cleanup_while_ado_reads_fail_then_cleanup_resumes() {
     );
     bed.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_an_agentpool_removes_its_idle_standby_agent_safely() {
+    let bed = Bed::start(BedOptions::new("e2e-drain-idle"))
+        .await
+        .expect("bed");
+    let mut manifest = bed.agentpool("linux", "linux", 5);
+    manifest["spec"]["minIdle"] = serde_json::json!(1);
+    bed.apply_agentpool(manifest).await.expect("apply");
+    // The standby agent registers and waits, idle.
+    let standby = eventually("an idle standby agent online", DEADLINE, || async {
+        bed.sim
+            .agents(ORG, "linux")
+            .ok()?
+            .into_iter()
+            .find(|a| a.name.starts_with("linux-standby-") && a.online)
+            .map(|a| a.name)
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+
+    agentpools(&bed)
+        .delete("linux", &kube::api::DeleteParams::background())
+        .await
+        .expect("delete");
+    eventually("the AgentPool gone", DEADLINE, || async {
+        match agentpools(&bed).get("linux").await {
+            Err(kube::Error::Api(s)) if s.code == 404 => Some(()),
+            _ => None,
+        }
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    let names = agent_names(&bed);
+    assert!(
+        names.is_empty(),
+        "standby {standby} and the placeholder removed from ADO: {names:?}"
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", bed.admin_addr))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("kind=\"idle_agent_removed\"") && !l.ends_with(" 0")),
+        "the standby went the safe way (disable, re-check, delete): {metrics}"
+    );
+    bed.teardown().await;
+}
