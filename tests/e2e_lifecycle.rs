@@ -272,7 +272,7 @@ async fn deleting_an_agentpool_drains_it_a_busy_agent_finishes_its_job_first() {
         .queue(
             ORG,
             "linux",
-            RequestSpec::new().duration(Duration::from_secs(8)),
+            RequestSpec::new().duration(Duration::from_secs(10)),
         )
         .expect("queue");
     let running = bed
@@ -289,6 +289,22 @@ async fn deleting_an_agentpool_drains_it_a_busy_agent_finishes_its_job_first() {
         .expect("delete");
     let pool = agentpools(&bed).get("linux").await.expect("still there");
     assert!(pool.metadata.deletion_timestamp.is_some());
+    // kubectl shows why it stays: Ready=False, Draining, naming the busy agent.
+    let busy = running.agent_name.clone().unwrap_or_default();
+    eventually("Draining status", DEADLINE, || async {
+        let pool = agentpools(&bed).get("linux").await.ok()?;
+        let conditions = pool.data["status"]["conditions"].as_array()?.clone();
+        conditions
+            .iter()
+            .any(|c| {
+                c["type"] == "Ready"
+                    && c["reason"] == "Draining"
+                    && c["message"].as_str().is_some_and(|m| m.contains(&busy))
+            })
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
 
     // The busy agent's job completes normally...
     let done = bed

@@ -317,10 +317,12 @@ async fn poll_once(
         };
         let cluster = cluster_snapshot(ctx, std::slice::from_ref(pool), &state.agents);
         let step = plan::drain(&ado_snapshot, &cluster, &scope);
-        apply::drain(ctx, &ado, pool_id, pool, &pool_ref, &step).await;
         if step.finishes() {
             state.placeholders.remove(&pool_ref);
+        } else {
+            status::draining(ctx, pool, &step.waiting_for).await;
         }
+        apply::drain(ctx, &ado, pool_id, pool, &pool_ref, &step).await;
     }
     for (pool_ref, pool) in &by_ref {
         if let Some(summary) = plan.pool(pool_ref) {

@@ -186,3 +186,39 @@ pub(crate) async fn degraded(ctx: &Context, pool: &AgentPool, reason: &str, mess
     ];
     write(ctx, pool, status).await;
 }
+
+/// While an AgentPool being deleted drains: Ready=False with reason `Draining` and what it waits for; a
+/// Normal Event when draining starts.
+pub(crate) async fn draining(ctx: &Context, pool: &AgentPool, waiting_for: &[String]) {
+    let message = if waiting_for.is_empty() {
+        "being deleted: removing idle agents, then the placeholder".to_owned()
+    } else {
+        format!(
+            "being deleted: waiting for {} busy agent(s) to finish their job ({})",
+            waiting_for.len(),
+            waiting_for.join(", ")
+        )
+    };
+    let already = pool.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.reason == "Draining")
+    });
+    if !already {
+        super::apply::publish(
+            ctx,
+            pool,
+            kube::runtime::events::EventType::Normal,
+            "Draining",
+            "Drain",
+            message.clone(),
+        )
+        .await;
+    }
+    let mut status = pool.status.clone().unwrap_or_default();
+    status.conditions = vec![
+        condition(pool, "Ready", false, "Draining", &message),
+        condition(pool, "Degraded", false, "Draining", &message),
+    ];
+    write(ctx, pool, status).await;
+}
