@@ -239,6 +239,9 @@ fn the_controller_binary_accepts_the_deployments_arguments() {
             .args(&args)
             .env_clear()
             .env("KUBECONFIG", "/nonexistent/kubeconfig")
+            // What the Deployment's downward API gives it.
+            .env("POD_NAMESPACE", "azp-system")
+            .env("POD_NAME", "azp-autoscaler-0")
             .output()
             .unwrap_or_else(|e| {
                 panic!(
@@ -737,6 +740,8 @@ async fn chart_installs_on_the_real_api_server_and_uninstalls() {
         r#"# A local organization address that refuses connections: the controller run below calls nothing outside.
 organization: https://127.0.0.1:1/contoso
 controller:
+  # Two replicas: leader election, and the Role for its Lease, are part of what is installed and used.
+  replicas: 2
   workloadIdentity:
     clientId: 00000000-0000-0000-0000-00000000c0de
 # Watch only the agents' namespace: the controller run below must not touch other tests' AgentPools.
@@ -896,6 +901,10 @@ async fn run_controller_under_the_charts_rbac(
             .args(&args)
             .env_clear()
             .env("KUBECONFIG", &kubeconfig)
+            // The downward API's values: with two replicas the controller takes the Lease in the release
+            // namespace, under the chart's leader-election Role.
+            .env("POD_NAMESPACE", release_ns)
+            .env("POD_NAME", format!("{release}-0"))
             .env("RUST_LOG", "info")
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .stdout(std::process::Stdio::null())

@@ -107,9 +107,6 @@ watches. The one list of rules: the end-to-end tests run the controller under ex
 
 {{/* Checks across values that the schema cannot express; each message names the value and the fix. */}}
 {{- define "azp.validate" -}}
-{{- if gt (int .Values.controller.replicas) 1 }}
-{{- fail "controller.replicas: leader election is not in this controller version yet; keep controller.replicas: 1 (the PodDisruptionBudget and a fast restart keep it available)" }}
-{{- end }}
 {{- $wi := false }}
 {{- range .Values.pools }}
 {{- if not .pat }}{{ $wi = true }}{{ end }}
