@@ -51,6 +51,15 @@ impl Mode {
 struct Bench {
     bed: Bed,
     hooks_url: String,
+    /// Holds the hook token file; removed by [`Bench::teardown`].
+    dir: std::path::PathBuf,
+}
+
+impl Bench {
+    async fn teardown(self) {
+        self.bed.teardown().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 async fn start(name: &str, pools: usize, interval: u64) -> Bench {
@@ -82,6 +91,7 @@ async fn start(name: &str, pools: usize, interval: u64) -> Bench {
     Bench {
         bed,
         hooks_url: format!("http://{hooks_addr}/hooks/ado"),
+        dir,
     }
 }
 
@@ -189,7 +199,7 @@ async fn reaction(mode: Mode, samples: u64, window: u64) -> Outcome {
     }
     to_job.sort_by(f64::total_cmp);
     to_receive.sort_by(f64::total_cmp);
-    b.bed.teardown().await;
+    b.teardown().await;
     Outcome {
         to_job,
         to_receive,
@@ -203,7 +213,7 @@ async fn idle_calls(pools: usize, window: u64) -> (f64, f64) {
     tokio::time::sleep(Duration::from_secs(window)).await;
     let all: u64 = b.bed.sim.calls().iter().map(|c| c.count).sum();
     let jr = b.bed.sim.call_count("jobrequests.list");
-    b.bed.teardown().await;
+    b.teardown().await;
     let scale = 300.0 / window as f64;
     (jr as f64 * scale, all as f64 * scale)
 }
