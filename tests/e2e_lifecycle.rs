@@ -282,9 +282,10 @@ async fn deleting_an_agentpool_drains_it_a_busy_agent_finishes_its_job_first() {
         .expect("request");
     assert!(running.result.is_none(), "{running:?}");
 
-    // Delete the AgentPool (background propagation, as kubectl and helm do): it stays, draining.
+    // Delete the AgentPool with foreground propagation, the harshest cascade (kubectl and helm use
+    // background): it stays, draining, and no cascade reaches the busy agent's Job or pod.
     agentpools(&bed)
-        .delete("linux", &kube::api::DeleteParams::background())
+        .delete("linux", &kube::api::DeleteParams::foreground())
         .await
         .expect("delete");
     let pool = agentpools(&bed).get("linux").await.expect("still there");

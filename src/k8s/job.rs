@@ -11,8 +11,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{EnvVar, PodTemplateSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::Resource;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::crd::AgentPool;
 
@@ -202,7 +201,10 @@ pub fn build(pool: &AgentPool, job: &AgentJob<'_>) -> Result<Job, BuildError> {
             namespace: Some(namespace),
             labels: Some(labels),
             annotations: Some(annotations),
-            owner_references: owner_reference(pool).map(|o| vec![o]),
+            // No ownerReference on purpose: a foreground cascade delete of the AgentPool would make the
+            // garbage collector kill busy agent pods at once. The AgentPool's finalizer drains its Jobs
+            // (busy ones finish first); finished ones go by their TTL.
+            owner_references: None,
             ..ObjectMeta::default()
         },
         spec: Some(JobSpec {
@@ -215,14 +217,6 @@ pub fn build(pool: &AgentPool, job: &AgentJob<'_>) -> Result<Job, BuildError> {
         }),
         status: None,
     })
-}
-
-/// The AgentPool as owner of its Jobs. Not a blocking owner: the AgentPool's finalizer drains busy agents
-/// before the AgentPool (and then its Jobs) may go.
-fn owner_reference(pool: &AgentPool) -> Option<OwnerReference> {
-    let mut owner = pool.controller_owner_ref(&())?;
-    owner.block_owner_deletion = Some(false);
-    Some(owner)
 }
 
 #[cfg(test)]
@@ -347,9 +341,10 @@ mod tests {
                 .map(String::as_str),
             Some("false")
         );
-        let owner = &j.metadata.owner_references.as_ref().unwrap()[0];
-        assert_eq!(owner.kind, "AgentPool");
-        assert_eq!(owner.block_owner_deletion, Some(false));
+        assert!(
+            j.metadata.owner_references.is_none(),
+            "no cascade from the AgentPool may reach a busy agent pod"
+        );
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //!
 //! - An agent that holds a request (ADO's `assignedRequest`, or any request naming it as
 //!   `reservedAgent`, finished ones included: a run-once agent that ran its job is ending by
-//!   itself) is **waited for**, never removed. Its Job (and pod) are left alone: the AgentPool's
-//!   ownerReferences on them are non-blocking and only act once the finalizer is gone.
+//!   itself) is **waited for**, never removed. Its Job (and pod) are left alone: agent Jobs carry no
+//!   ownerReference to the AgentPool, so no cascade (not even a foreground delete) reaches them; finished
+//!   Jobs go by their TTL.
 //! - An unfinished agent Job whose agent is registered and holds nothing is **removed** the safe
 //!   way (disable → re-check → delete Job and agent; re-enabled and waited for if it got work).
 //! - An unfinished agent Job whose agent has not registered yet is **deleted** (it cannot hold a
