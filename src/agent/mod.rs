@@ -11,8 +11,10 @@
 //! 3. **Registration**: `config.sh --unattended --url … --auth pat --pool … --agent … --replace --work …`
 //!    with the token only in `VSTS_AGENT_INPUT_TOKEN` (never argv, never logged; its output is forwarded
 //!    with the token masked). Exit code 2 (the agent's "retryable error") and transient token failures
-//!    are retried with exponential backoff within `AZP_REGISTER_TIMEOUT_SECONDS`; exit code 1 is not
-//!    retried, and the entrypoint explains it by checking the pool itself (pool missing, `TF401444`, 403).
+//!    are retried with exponential backoff within `AZP_REGISTER_TIMEOUT_SECONDS`. After exit code 1 (the
+//!    official agent's code for every failure) the entrypoint checks the pool itself: a transient answer
+//!    (5xx, 429, timeout) means an ADO outage and is retried like exit 2; otherwise it explains the
+//!    failure (pool missing, `TF401444`, 403) and stops.
 //! 4. **Listener**: `bin/Agent.Listener run --once`, started directly (not through the `run.sh` bash
 //!    wrapper, which does not pass SIGTERM on), as a child in its own process group. SIGTERM/SIGINT are
 //!    forwarded to it; it then cancels its job and reports the result (the official listener waits up to

@@ -350,7 +350,25 @@ impl<'a, A: AdoOps> Runner<'a, A> {
                         .as_ref()
                         .map(describe)
                         .unwrap_or_else(|| "an unknown status".into());
-                    let (exit, cause) = match self.ops.diagnose_registration(&s.pool).await {
+                    let diagnosis = self.ops.diagnose_registration(&s.pool).await;
+                    // The official config.sh exits 1 on every failure, a passing ADO outage (5xx, 429,
+                    // timeouts) included. When ADO answers our own check transiently too, the outage is
+                    // the likely cause: retry like exit code 2 instead of failing the pod.
+                    if let Some(e) = diagnosis.as_ref().filter(|e| e.transient) {
+                        let delay = self.backoff.delay(attempt);
+                        if Instant::now() + delay < deadline {
+                            tracing::warn!(
+                                attempt,
+                                cause = %e,
+                                "config.sh failed with {what} while Azure DevOps answers with a transient error; retrying in {delay:?}"
+                            );
+                            if !self.pause(delay).await {
+                                return Err(RegisterStop::Interrupted);
+                            }
+                            continue;
+                        }
+                    }
+                    let (exit, cause) = match diagnosis {
                         Some(e) if e.kind == OpsKind::Identity => {
                             (Exit::Token, format!("; cause: {e}"))
                         }

@@ -280,6 +280,29 @@ async fn exit_code_1_is_not_retried_and_is_explained() {
     assert_eq!(outcome.exit(), Exit::Registration);
 }
 
+/// config.sh exits 1 while ADO itself answers 503: an outage, retried like exit code 2.
+#[tokio::test]
+async fn exit_code_1_during_a_transient_ado_outage_is_retried() {
+    let dir = Dir::new();
+    dir.write("config.codes", "1 1 0");
+    let ado = FakeAdo {
+        diagnosis: Some(OpsError {
+            kind: OpsKind::Other,
+            transient: true,
+            label: "ado_server_error",
+            message: "503 Service Unavailable".into(),
+        }),
+        ..FakeAdo::default()
+    };
+    let outcome = run_with(dir.settings(), &ado, Termination::never()).await;
+    assert_eq!(outcome.exit(), Exit::Success, "{outcome:?}");
+    assert_eq!(
+        dir.read("argv.log").lines().count(),
+        3,
+        "two failed attempts during the outage, then registered"
+    );
+}
+
 #[tokio::test]
 async fn retries_of_exit_code_2_stop_at_the_registration_budget() {
     let dir = Dir::new();
