@@ -23,12 +23,7 @@ fn free_port() -> u16 {
 }
 
 async fn hook_metric(bed: &Bed, outcome: &str) -> Option<u64> {
-    let text = reqwest::get(format!("http://{}/metrics", bed.admin_addr))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    let text = bed.metrics_text().await?;
     let needle = format!("azp_autoscaler_hook_requests_total{{outcome=\"{outcome}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&needle))

@@ -66,12 +66,7 @@ async fn register_agent(bed: &Bed, name: &str, capabilities: serde_json::Value) 
 }
 
 async fn metric(bed: &Bed, needle: &str) -> Option<f64> {
-    let text = reqwest::get(format!("http://{}/metrics", bed.admin_addr))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    let text = bed.metrics_text().await?;
     text.lines()
         .filter(|l| l.starts_with(needle))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
