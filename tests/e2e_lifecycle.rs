@@ -700,3 +700,172 @@ async fn deleting_an_agentpool_removes_its_idle_standby_agent_safely() {
     );
     bed.teardown().await;
 }
+
+/// The pod of the agent Job running `agent`.
+async fn pod_of_agent(bed: &Bed, agent: &str) -> Option<Pod> {
+    let jobs = bed.jobs().await.ok()?;
+    let job = jobs.iter().find(|j| {
+        j.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("azp-autoscaler.dev/agent-name"))
+            .is_some_and(|n| n == agent)
+    })?;
+    let job_name = job.metadata.name.clone()?;
+    Api::<Pod>::namespaced(bed.client.clone(), &bed.namespace)
+        .list(&ListParams::default().labels(&format!("job-name={job_name}")))
+        .await
+        .ok()?
+        .items
+        .into_iter()
+        .next()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_agent_pod_cannot_be_evicted_an_idle_one_can_and_a_lost_job_is_counted() {
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    let started = std::time::Instant::now();
+    let step = |what: &str| eprintln!("[{:>5.1}s] {what}", started.elapsed().as_secs_f64());
+    let mut bed = Bed::start(BedOptions::new("e2e-evict")).await.expect("bed");
+    let mut manifest = bed.agentpool("linux", "linux", 3);
+    manifest["spec"]["minIdle"] = serde_json::json!(1);
+    bed.apply_agentpool(manifest).await.expect("apply");
+    bed.wait_ready("linux").await;
+
+    // A long job runs on one agent; the standby agent waits idle.
+    let id = bed
+        .sim
+        .queue(
+            ORG,
+            "linux",
+            RequestSpec::new().duration(Duration::from_secs(600)),
+        )
+        .expect("queue");
+    let running = bed
+        .sim
+        .wait_request(ORG, id, DEADLINE, |r| r.receive_time.is_some())
+        .await
+        .expect("request");
+    let agent = running
+        .agent_name
+        .clone()
+        .unwrap_or_else(|| fail(&bed, format!("request {id} never ran: {running:?}")));
+
+    step("a job runs");
+    // The busy pod is marked, and its AgentPool's budget selects it and allows no disruption.
+    let busy = eventually("the busy pod marked", DEADLINE, || async {
+        let pod = pod_of_agent(&bed, &agent).await?;
+        (pod.metadata
+            .labels
+            .as_ref()?
+            .get("azp-autoscaler.dev/busy")?
+            == "true")
+            .then_some(pod)
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    let busy_name = busy.metadata.name.clone().unwrap_or_default();
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(bed.client.clone(), &bed.namespace);
+    let budget = eventually("the budget observed", DEADLINE, || async {
+        let b = budgets.get("linux-busy-agents").await.ok()?;
+        let status = b.status.as_ref()?;
+        (status.observed_generation == b.metadata.generation && status.expected_pods == 1)
+            .then_some(b)
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    let spec = budget.spec.clone().unwrap_or_default();
+    assert_eq!(
+        spec.min_available,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(3)),
+        "minAvailable = maxAgents: {spec:?}"
+    );
+    assert_eq!(
+        budget.status.as_ref().map(|s| s.disruptions_allowed),
+        Some(0)
+    );
+
+    step("budget observed");
+    let node = bed.node.as_ref().expect("node");
+    let refused = node
+        .evict_pod(&bed.namespace, &busy_name)
+        .await
+        .expect_err("evicting the busy agent pod must be refused");
+    assert!(
+        format!("{refused:?}").contains("disruption budget"),
+        "refused by the budget: {refused:?}"
+    );
+
+    step("busy pod eviction refused");
+    // The standby agent (registered, idle) is not selected: evictable, and replaced by the controller.
+    let standby = eventually("the standby agent registered", DEADLINE, || async {
+        let jobs = bed.jobs().await.ok()?;
+        // Not the busy one: the first standby may well have taken the request.
+        let registered = agent_names(&bed);
+        let standby_agent = jobs.iter().find_map(|j| {
+            let name = j.metadata.name.as_deref()?;
+            let a = j
+                .metadata
+                .annotations
+                .as_ref()?
+                .get("azp-autoscaler.dev/agent-name")?;
+            (name.starts_with("linux-standby-") && *a != agent && registered.contains(a))
+                .then(|| a.clone())
+        })?;
+        pod_of_agent(&bed, &standby_agent).await
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    let standby_name = standby.metadata.name.clone().unwrap_or_default();
+    assert!(
+        standby
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("azp-autoscaler.dev/busy"))
+            .is_none(),
+        "an idle pod is not marked busy"
+    );
+    node.evict_pod(&bed.namespace, &standby_name)
+        .await
+        .unwrap_or_else(|e| fail(&bed, format!("evicting the idle standby pod: {e}")));
+    assert_eq!(
+        metric(&bed, "azp_autoscaler_jobs_lost_to_eviction_total{").await,
+        None,
+        "an idle pod evicted loses no job"
+    );
+
+    step("idle pod evicted");
+    // The node is lost (a spot VM reclaimed): pod GC deletes its pods with a DisruptionTarget condition.
+    // The busy pod's job is lost and counted once; the idle ones are not counted.
+    bed.node
+        .as_mut()
+        .expect("node")
+        .lose_node(true)
+        .await
+        .expect("lose the node");
+    let lost = eventually("the lost job counted", Duration::from_secs(180), || async {
+        metric(&bed, "azp_autoscaler_jobs_lost_to_eviction_total{").await
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    assert_eq!(lost, 1.0);
+    step("lost job counted");
+    eventually("the busy pod gone", DEADLINE, || async {
+        Api::<Pod>::namespaced(bed.client.clone(), &bed.namespace)
+            .get_opt(&busy_name)
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    assert_eq!(
+        metric(&bed, "azp_autoscaler_jobs_lost_to_eviction_total{").await,
+        Some(1.0),
+        "counted once per pod"
+    );
+    step("done");
+    bed.teardown().await;
+}

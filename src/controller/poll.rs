@@ -8,7 +8,9 @@ use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 
-use super::{Context, GroupKey, apply, finalizer, group_key, placeholder, snapshot, status};
+use super::{
+    Context, GroupKey, apply, finalizer, group_key, placeholder, protect, snapshot, status,
+};
 use crate::ado::models::{ResourceUsage, TaskAgent};
 use crate::ado::{
     AdoClient, AdoError, AdoObserver, AgentQuery, TokenSource, WorkloadIdentityConfig,
@@ -77,6 +79,8 @@ struct GroupState {
     timed: HashSet<plan::RequestId>,
     /// Our left-behind agents, with when each was first seen so (see [`plan::cleanup`]).
     orphan_since: BTreeMap<plan::AgentId, Timestamp>,
+    /// The busy agents' PodDisruptionBudgets last applied.
+    budgets: protect::Budgets,
 }
 
 /// Polls one group until no AgentPool belongs to it any more.
@@ -298,6 +302,14 @@ async fn poll_once(
         // Leadership ended while reading: write nothing (the new leader plans afresh).
         return Ok(1.0);
     }
+    // Busy pods first protected (budget, then mark), so an eviction during the creations finds them so.
+    let agent_pods = agent_pods(ctx, valid.iter().chain(draining));
+    protect::ensure_budgets(ctx, &valid, &agent_pods, &mut state.budgets).await;
+    protect::mark_busy(
+        ctx,
+        &plan::protect::pods_to_protect(&ado_snapshot, &agent_pods),
+    )
+    .await;
     apply::apply(ctx, &ado, pool_id, &plan, &by_ref).await;
     let gone = apply::remove_orphans(ctx, &ado, pool_id, &plan, &cleanup.remove, &by_ref).await;
     state.agents.retain(|a| !gone.contains(&a.id));
@@ -414,6 +426,20 @@ fn owner_scope(ctx: &Context, members: &[Arc<AgentPool>]) -> plan::OwnerScope {
         }
     }
     scope
+}
+
+/// The agent pods of these AgentPools, from the cache.
+fn agent_pods<'a>(
+    ctx: &Context,
+    pools: impl Iterator<Item = &'a Arc<AgentPool>>,
+) -> Vec<plan::protect::AgentPod> {
+    let wanted: HashSet<plan::PoolRef> = pools.filter_map(|p| snapshot::pool_ref(p)).collect();
+    ctx.pods
+        .state()
+        .iter()
+        .filter_map(|p| snapshot::agent_pod(p))
+        .filter(|p| wanted.contains(&p.agent_pool))
+        .collect()
 }
 
 /// Our Jobs and Pods of the group's AgentPools, from the caches.

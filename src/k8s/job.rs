@@ -27,6 +27,9 @@ pub const ANNOTATION_ATTEMPT: &str = "azp-autoscaler.dev/attempt";
 pub const ANNOTATION_AGENT_NAME: &str = "azp-autoscaler.dev/agent-name";
 /// Annotation: the ADO pool.
 pub const ANNOTATION_ADO_POOL: &str = "azp-autoscaler.dev/ado-pool";
+/// Pod label the controller sets while the pod's agent holds a request: the AgentPool's
+/// PodDisruptionBudget selects exactly these pods and allows no eviction of them.
+pub const LABEL_BUSY: &str = "azp-autoscaler.dev/busy";
 /// Default grace period when the template sets none.
 pub const DEFAULT_GRACE_SECONDS: i64 = 90;
 

@@ -581,7 +581,12 @@ pub fn controller_role_rules() -> Vec<PolicyRule> {
             &["jobs"],
             &["get", "list", "watch", "create", "delete", "patch"],
         ),
-        rule(&[""], &["pods"], &["get", "list", "watch"]),
+        rule(&[""], &["pods"], &["get", "list", "watch", "patch"]),
+        rule(
+            &["policy"],
+            &["poddisruptionbudgets"],
+            &["get", "create", "patch"],
+        ),
         rule(&[""], &["secrets"], &["get"]),
         rule(&["events.k8s.io"], &["events"], &["create", "patch"]),
     ]
