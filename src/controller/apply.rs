@@ -18,21 +18,22 @@ use crate::metrics::{CleanupLabels, ErrorLabels, PoolLabels};
 use crate::plan::{self, Action};
 
 /// Applies every action of the plan. Errors are counted and logged per action; one failed action never
-/// stops the others.
+/// stops the others. Returns the agent Jobs that exist now because of the creations (created, or found
+/// already there): the caller counts them until its watch cache shows them.
 pub(crate) async fn apply(
     ctx: &Context,
     ado: &AdoClient,
     pool_id: i32,
     plan: &plan::Plan,
     pools: &BTreeMap<plan::PoolRef, Arc<AgentPool>>,
-) {
+) -> Vec<Job> {
     let creates: Vec<Action> = plan
         .actions
         .iter()
         .filter(|a| matches!(a, Action::CreateAgent { .. }))
         .cloned()
         .collect();
-    let results: Vec<(plan::PoolRef, Result<bool, String>)> = futures::stream::iter(creates)
+    let results: Vec<(plan::PoolRef, Result<Created, String>)> = futures::stream::iter(creates)
         .map(|action: Action| async move {
             let pool_ref = action.agent_pool().clone();
             let result = match pools.get(&pool_ref) {
@@ -46,10 +47,15 @@ pub(crate) async fn apply(
         .await;
 
     let mut created: BTreeMap<plan::PoolRef, u32> = BTreeMap::new();
+    let mut existing = Vec::new();
     for (pool_ref, result) in results {
         match result {
-            Ok(true) => *created.entry(pool_ref).or_default() += 1,
-            Ok(false) => {}
+            Ok(Created::New(job)) => {
+                *created.entry(pool_ref).or_default() += 1;
+                existing.push(*job);
+            }
+            Ok(Created::Existed(job)) => existing.extend(job.map(|j| *j)),
+            Ok(Created::Nothing) => {}
             Err(message) => {
                 tracing::warn!(agentpool = %pool_ref, error = %message, "creating an agent Job failed");
                 ctx.metrics
@@ -135,15 +141,25 @@ pub(crate) async fn apply(
             }
         }
     }
+    existing
 }
 
 /// Creates one agent Job. `Ok(false)`: it already existed (409: another poll or replica made it).
+/// What a creation found.
+enum Created {
+    New(Box<Job>),
+    /// The Job existed already (409): read back so it counts even if the cache lacks it; `None` when
+    /// that read failed too.
+    Existed(Option<Box<Job>>),
+    Nothing,
+}
+
 async fn create(
     ctx: &Context,
     pool: &AgentPool,
     action: &Action,
     ado_pool: &str,
-) -> Result<bool, String> {
+) -> Result<Created, String> {
     let Action::CreateAgent {
         agent_pool,
         job_name,
@@ -152,7 +168,7 @@ async fn create(
         reason,
     } = action
     else {
-        return Ok(false);
+        return Ok(Created::Nothing);
     };
     let agent_name = snapshot::agent_name(job_name, &ctx.cluster_id, &agent_pool.namespace);
     let request_id = *for_request;
@@ -169,7 +185,7 @@ async fn create(
     .map_err(|e| e.to_string())?;
     let api: Api<Job> = Api::namespaced(ctx.client.clone(), &agent_pool.namespace);
     match api.create(&PostParams::default(), &job).await {
-        Ok(_) => {
+        Ok(created) => {
             tracing::info!(agentpool = %agent_pool, job = %job_name, agent = %agent_name, request = ?for_request, %reason, "agent Job created");
             let labels = PoolLabels {
                 namespace: agent_pool.namespace.clone(),
@@ -177,9 +193,11 @@ async fn create(
                 ado_pool: ado_pool.to_owned(),
             };
             ctx.metrics.jobs_created.get_or_create(&labels).inc();
-            Ok(true)
+            Ok(Created::New(Box::new(created)))
         }
-        Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(Created::Existed(
+            api.get_opt(job_name).await.ok().flatten().map(Box::new),
+        )),
         Err(e) => Err(e.to_string()),
     }
 }

@@ -81,7 +81,12 @@ struct GroupState {
     orphan_since: BTreeMap<plan::AgentId, Timestamp>,
     /// The busy agents' PodDisruptionBudgets last applied.
     budgets: protect::Budgets,
+    /// Agent Jobs created that the watch cache may not show yet.
+    expected: snapshot::ExpectedJobs,
 }
+
+/// How long a created Job counts without the watch cache showing it.
+const EXPECTED_JOB_TTL: SignedDuration = SignedDuration::from_secs(120);
 
 /// Polls one group until no AgentPool belongs to it any more.
 pub(crate) async fn run_group(ctx: Arc<Context>, key: GroupKey) {
@@ -279,8 +284,8 @@ async fn poll_once(
         .iter()
         .filter_map(|p| snapshot::plan_spec(p))
         .collect();
-    let cluster = cluster_snapshot(ctx, &valid, &state.agents);
     let planned_at = Timestamp::now();
+    let cluster = cluster_snapshot(ctx, &valid, &state.agents, &mut state.expected, planned_at);
     let plan = plan::plan(&ado_snapshot, &cluster, &specs, planned_at);
     let cleanup = plan::cleanup(
         &ado_snapshot,
@@ -310,7 +315,9 @@ async fn poll_once(
         &plan::protect::pods_to_protect(&ado_snapshot, &agent_pods),
     )
     .await;
-    apply::apply(ctx, &ado, pool_id, &plan, &by_ref).await;
+    for job in apply::apply(ctx, &ado, pool_id, &plan, &by_ref).await {
+        state.expected.insert(job, planned_at);
+    }
     let gone = apply::remove_orphans(ctx, &ado, pool_id, &plan, &cleanup.remove, &by_ref).await;
     state.agents.retain(|a| !gone.contains(&a.id));
     for pool in draining {
@@ -327,7 +334,13 @@ async fn poll_once(
             ),
             agent_pool: pool_ref.clone(),
         };
-        let cluster = cluster_snapshot(ctx, std::slice::from_ref(pool), &state.agents);
+        let cluster = cluster_snapshot(
+            ctx,
+            std::slice::from_ref(pool),
+            &state.agents,
+            &mut state.expected,
+            planned_at,
+        );
         let step = plan::drain(&ado_snapshot, &cluster, &scope);
         if step.finishes() {
             state.placeholders.remove(&pool_ref);
@@ -447,6 +460,8 @@ fn cluster_snapshot(
     ctx: &Context,
     members: &[Arc<AgentPool>],
     agents: &[TaskAgent],
+    expected: &mut snapshot::ExpectedJobs,
+    now: Timestamp,
 ) -> plan::ClusterSnapshot {
     let wanted: HashSet<(String, String)> = members
         .iter()
@@ -459,11 +474,23 @@ fn cluster_snapshot(
             .and_then(|l| l.get(LABEL_AGENTPOOL))
             .is_some_and(|name| wanted.contains(&(ns.clone(), name.clone())))
     };
-    let jobs: Vec<Arc<Job>> = ctx
-        .jobs
-        .state()
+    let cached = ctx.jobs.state();
+    let not_cached_yet: Vec<&Job> = expected
+        .settle(cached.iter().map(|j| j.as_ref()), now, EXPECTED_JOB_TTL)
         .into_iter()
         .filter(|j| belongs(&j.metadata))
+        .collect();
+    if !not_cached_yet.is_empty() {
+        tracing::debug!(
+            jobs = not_cached_yet.len(),
+            "counting created agent Jobs the watch cache does not show yet"
+        );
+    }
+    let jobs: Vec<&Job> = cached
+        .iter()
+        .map(|j| j.as_ref())
+        .filter(|j| belongs(&j.metadata))
+        .chain(not_cached_yet)
         .collect();
     let pods: Vec<Arc<Pod>> = ctx
         .pods
@@ -473,7 +500,7 @@ fn cluster_snapshot(
         .collect();
     let pod_refs: Vec<&Pod> = pods.iter().map(|p| p.as_ref()).collect();
     snapshot::cluster_snapshot(
-        jobs.iter().map(|j| j.as_ref()),
+        jobs.into_iter(),
         &pod_refs,
         &snapshot::AgentsSeen::from_agents(agents),
     )

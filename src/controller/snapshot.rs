@@ -824,3 +824,104 @@ mod agent_pod_tests {
         );
     }
 }
+
+/// Agent Jobs this controller created (or found existing on create) that its watch cache may not show
+/// yet: after a watch error the cache lags behind the API server for a while, and planning without them
+/// would exceed `maxAgents` and start second agents for requests. They count until the cache shows them
+/// or `ttl` passes (the watch has re-synced by then).
+#[derive(Debug, Default)]
+pub struct ExpectedJobs {
+    jobs: BTreeMap<(String, String), (Job, Timestamp)>,
+}
+
+impl ExpectedJobs {
+    pub fn insert(&mut self, job: Job, now: Timestamp) {
+        if let (Some(ns), Some(name)) = (job.metadata.namespace.clone(), job.metadata.name.clone())
+        {
+            self.jobs.insert((ns, name), (job, now));
+        }
+    }
+
+    /// Forgets the Jobs the cache shows and those expected for longer than `ttl`; returns the others,
+    /// which the snapshot must add to the cache's Jobs.
+    pub fn settle<'a>(
+        &mut self,
+        cached: impl IntoIterator<Item = &'a Job>,
+        now: Timestamp,
+        ttl: SignedDuration,
+    ) -> Vec<&Job> {
+        let seen: HashSet<(String, String)> = cached
+            .into_iter()
+            .filter_map(|j| Some((j.metadata.namespace.clone()?, j.metadata.name.clone()?)))
+            .collect();
+        self.jobs
+            .retain(|key, (_, since)| !seen.contains(key) && now.duration_since(*since) < ttl);
+        self.jobs.values().map(|(j, _)| j).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod expected_jobs_tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn job(ns: &str, name: &str) -> Job {
+        Job {
+            metadata: ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
+            ..Job::default()
+        }
+    }
+
+    #[test]
+    fn created_jobs_count_until_the_cache_shows_them_or_the_ttl_passes() {
+        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let ttl = SignedDuration::from_secs(120);
+        let mut expected = ExpectedJobs::default();
+        expected.insert(job("ci", "linux-1-1"), t0);
+        expected.insert(job("ci", "linux-2-1"), t0);
+        expected.insert(job("other", "linux-1-1"), t0);
+
+        // The cache lags: every created Job is added.
+        let names = |v: Vec<&Job>| -> Vec<String> {
+            v.iter()
+                .map(|j| {
+                    format!(
+                        "{}/{}",
+                        j.metadata.namespace.clone().unwrap_or_default(),
+                        j.metadata.name.clone().unwrap_or_default()
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            names(expected.settle([], t0, ttl)),
+            ["ci/linux-1-1", "ci/linux-2-1", "other/linux-1-1"]
+        );
+        // The cache shows one (namespace and name both match): only the others are added.
+        let cached = [job("ci", "linux-1-1")];
+        assert_eq!(
+            names(expected.settle(&cached, t0 + SignedDuration::from_secs(5), ttl)),
+            ["ci/linux-2-1", "other/linux-1-1"]
+        );
+        // Once seen, a Job is forgotten: a later deletion is the cache's to report.
+        assert_eq!(
+            names(expected.settle([], t0 + SignedDuration::from_secs(6), ttl)),
+            ["ci/linux-2-1", "other/linux-1-1"]
+        );
+        // Past the TTL nothing is added any more.
+        assert!(expected.settle([], t0 + ttl, ttl).is_empty());
+        assert!(expected.is_empty());
+    }
+}
