@@ -701,6 +701,20 @@ async fn deleting_an_agentpool_removes_its_idle_standby_agent_safely() {
     bed.teardown().await;
 }
 
+/// A client of the bed's cluster that makes each call once (kube's default retries 429s).
+async fn client_without_retries() -> kube::Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(azp_testbed::node::kubeconfig_path())
+        .expect("kubeconfig");
+    let mut config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .expect("client config");
+    config.default_retry = false;
+    kube::Client::try_from(config).expect("client")
+}
+
 /// The pod of the agent Job running `agent`.
 async fn pod_of_agent(bed: &Bed, agent: &str) -> Option<Pod> {
     let jobs = bed.jobs().await.ok()?;
@@ -785,16 +799,61 @@ async fn a_busy_agent_pod_cannot_be_evicted_an_idle_one_can_and_a_lost_job_is_co
         Some(0)
     );
 
+    // A new template (KEDA's default rollout would delete running Jobs): the busy Job keeps running.
+    let busy_job_uid = bed
+        .jobs()
+        .await
+        .expect("jobs")
+        .iter()
+        .find(|j| {
+            j.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("azp-autoscaler.dev/agent-name"))
+                == Some(&agent)
+        })
+        .and_then(|j| j.metadata.uid.clone())
+        .expect("the busy agent's Job");
+    let mut changed = bed.agentpool("linux", "linux", 3);
+    changed["spec"]["minIdle"] = serde_json::json!(1);
+    changed["spec"]["template"]["spec"]["containers"][0]["env"] =
+        serde_json::json!([{"name": "TEMPLATE_REVISION", "value": "2"}]);
+    bed.apply_agentpool(changed)
+        .await
+        .expect("apply the new template");
+    eventually("the new generation observed", DEADLINE, || async {
+        let status = bed.agentpool_status("linux").await?;
+        (status["observedGeneration"].as_i64()? >= 2).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    let after = pod_of_agent(&bed, &agent).await;
+    assert!(
+        after
+            .as_ref()
+            .is_some_and(|p| p.metadata.deletion_timestamp.is_none()),
+        "the busy pod survives a template change: {after:?}"
+    );
+    let jobs = bed.jobs().await.expect("jobs");
+    assert!(
+        jobs.iter()
+            .any(|j| j.metadata.uid.as_deref() == Some(busy_job_uid.as_str())
+                && j.metadata.deletion_timestamp.is_none()),
+        "the busy Job is neither replaced nor deleted"
+    );
     step("budget observed");
-    let node = bed.node.as_ref().expect("node");
-    let refused = node
-        .evict_pod(&bed.namespace, &busy_name)
+    // One eviction call, as `kubectl drain` makes it (the default client would retry the 429 for
+    // minutes).
+    let once: Api<Pod> = Api::namespaced(client_without_retries().await, &bed.namespace);
+    let refused = once
+        .evict(&busy_name, &kube::api::EvictParams::default())
         .await
         .expect_err("evicting the busy agent pod must be refused");
     assert!(
         format!("{refused:?}").contains("disruption budget"),
         "refused by the budget: {refused:?}"
     );
+    let node = bed.node.as_ref().expect("node");
 
     step("busy pod eviction refused");
     // The standby agent (registered, idle) is not selected: evictable, and replaced by the controller.
