@@ -500,7 +500,7 @@ fn cluster_snapshot(
         .collect();
     let pod_refs: Vec<&Pod> = pods.iter().map(|p| p.as_ref()).collect();
     snapshot::cluster_snapshot(
-        jobs.into_iter(),
+        jobs,
         &pod_refs,
         &snapshot::AgentsSeen::from_agents(agents),
     )
