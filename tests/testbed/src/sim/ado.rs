@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::demands::Demand;
 use super::entra::{self, now_unix};
-use super::model::{Agent, AgentToken, Org, Session, World, add};
+use super::model::{Agent, AgentAction, AgentToken, Org, Session, World, add};
 use super::ratelimit::{RateDecision, RateHeaders};
 use super::{EndpointClass, FaultKind, PRIVATE_TAG, PoolRole, Shared, control};
 
@@ -145,6 +145,16 @@ pub(crate) enum Caller {
     User { oid: String },
     /// A registered agent using its OAuth token.
     Agent { agent_id: u32 },
+}
+
+impl Caller {
+    /// How the agent audit log names the caller.
+    fn audit_name(&self) -> String {
+        match self {
+            Caller::User { oid } => oid.clone(),
+            Caller::Agent { agent_id } => format!("agent:{agent_id}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -669,6 +679,7 @@ fn dispatch(w: &mut World, c: &Ctx<'_>, route: Route) -> Reply {
         Route::AgentDelete(p, a) => {
             require(w, c, p, PoolRole::Administrator)?;
             find_agent(w, c, p, a)?;
+            w.log_agent_change(a, AgentAction::Deleted, c.caller.audit_name());
             w.delete_agent(a);
             Ok((StatusCode::NO_CONTENT, None))
         }
@@ -1058,6 +1069,7 @@ fn agents_add(w: &mut World, c: &Ctx<'_>, pool: u32) -> Reply {
     };
     agent.refresh_caps();
     w.agents.insert(id, agent);
+    w.log_agent_change(id, AgentAction::Registered, c.caller.audit_name());
     ok(w.agent_json(&w.agents[&id], true, false, false, true))
 }
 
@@ -1066,6 +1078,7 @@ fn agent_replace(w: &mut World, c: &Ctx<'_>, pool: u32, id: u32) -> Reply {
     find_agent(w, c, pool, id)?;
     let b = parse_agent_body(c.body)?;
     let (modulus, exponent) = public_key(&b)?;
+    w.log_agent_change(id, AgentAction::Replaced, c.caller.audit_name());
     // Taking over ends the old owner's session and revokes its tokens.
     w.end_session(id);
     w.agent_tokens.retain(|_, t| t.agent_id != id);
@@ -1104,6 +1117,11 @@ fn agent_update(w: &mut World, c: &Ctx<'_>, pool: u32, id: u32) -> Reply {
     require(w, c, pool, PoolRole::Administrator)?;
     find_agent(w, c, pool, id)?;
     let b = parse_agent_body(c.body)?;
+    w.log_agent_change(
+        id,
+        AgentAction::Updated { enabled: b.enabled },
+        c.caller.audit_name(),
+    );
     let Some(a) = w.agents.get_mut(&id) else {
         return Err(AdoError::agent_not_found(pool, id));
     };

@@ -68,7 +68,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ca::{CaError, TestCa};
 
-pub use model::{AgentInfo, RequestInfo};
+pub use model::{AgentAction, AgentChange, AgentInfo, RequestInfo};
 
 /// The ADO resource (application) id: the audience of access tokens for Azure DevOps.
 pub const ADO_RESOURCE_ID: &str = "499b84ac-1321-427f-aa17-267ca6975798";
@@ -961,6 +961,21 @@ impl Simulator {
     /// Every agent of a pool, by id.
     pub fn agents(&self, org: &str, pool: &str) -> Result<Vec<AgentInfo>, SimError> {
         self.shared.world().agents_info(org, pool)
+    }
+
+    /// Every change made to an agent through the REST API so far (registrations, takeovers, updates,
+    /// deletions), oldest first, with the caller and the request the agent held at that moment.
+    pub fn agent_changes(&self) -> Vec<AgentChange> {
+        self.shared.world().agent_log.clone()
+    }
+
+    /// An identity known to Entra, by client id (to change its federated credentials and add it back).
+    pub fn identity(&self, client_id: &str) -> Option<IdentitySpec> {
+        self.shared
+            .world()
+            .identities
+            .get(&client_id.to_ascii_lowercase())
+            .cloned()
     }
 
     /// What probe steps of a request reported, in arrival order.
