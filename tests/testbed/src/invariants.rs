@@ -85,3 +85,49 @@ pub fn requests_with_two_unfinished_jobs(
     waiting_for.retain(|_, v| v.len() > 1);
     waiting_for
 }
+
+/// Agent Jobs per AgentPool that hold an agent able to take work — what `maxAgents` caps: unfinished, their
+/// pod not terminated, and their run-once agent not done with a request already (a pod still deregistering
+/// after its one job takes no more work).
+pub fn agents_per_agentpool(
+    jobs: &[Job],
+    pods: &[k8s_openapi::api::core::v1::Pod],
+    requests: &[RequestInfo],
+) -> BTreeMap<String, Vec<String>> {
+    let done_agents: std::collections::BTreeSet<&str> = requests
+        .iter()
+        .filter(|r| r.is_finished())
+        .filter_map(|r| r.agent_name.as_deref())
+        .collect();
+    let terminated = |job: &str| {
+        let own: Vec<_> = pods
+            .iter()
+            .filter(|p| {
+                p.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("job-name"))
+                    .is_some_and(|j| j == job)
+            })
+            .collect();
+        !own.is_empty()
+            && own.iter().all(|p| {
+                p.metadata.deletion_timestamp.is_some()
+                    || p.status
+                        .as_ref()
+                        .is_some_and(|s| matches!(s.phase.as_deref(), Some("Succeeded" | "Failed")))
+            })
+    };
+    let mut out = unfinished_per_agentpool(jobs);
+    let by_name: BTreeMap<&str, &Job> = jobs
+        .iter()
+        .filter_map(|j| Some((j.metadata.name.as_deref()?, j)))
+        .collect();
+    for names in out.values_mut() {
+        names.retain(|n| {
+            let agent = by_name.get(n.as_str()).and_then(|j| job_agent(j));
+            !terminated(n) && !agent.is_some_and(|a| done_agents.contains(a))
+        });
+    }
+    out
+}

@@ -507,6 +507,45 @@ async fn handle(
     }
 }
 
+/// Plays an injected fault: `Err` with the response that replaces the call's, `Ok(true)` when the
+/// call's answer must be malformed, `Ok(false)` otherwise (no fault, or a delay served).
+async fn apply_fault(
+    sh: &Arc<Shared>,
+    endpoint: &'static str,
+    fault: Option<FaultKind>,
+) -> Result<bool, Response> {
+    match fault {
+        Some(FaultKind::RateLimited { retry_after_secs }) => {
+            sh.world().record_call(endpoint, "fault", 429);
+            let mut r = AdoError::throttled(retry_after_secs).into_response(sh);
+            RateHeaders {
+                limit: 200.0,
+                remaining: 0.0,
+                reset_unix: now_unix() + retry_after_secs as i64,
+                retry_after: Some(retry_after_secs),
+            }
+            .apply(r.headers_mut());
+            Err(r)
+        }
+        Some(FaultKind::ServerError { status }) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            sh.world().record_call(endpoint, "fault", status.as_u16());
+            Err(AdoError::new(
+                status,
+                "SqlTimeoutException",
+                "TF246017: Azure DevOps could not connect to the database (simulated fault). Retry later.",
+            )
+            .into_response(sh))
+        }
+        Some(FaultKind::Slow { delay_ms }) => {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            Ok(false)
+        }
+        Some(FaultKind::MalformedJson) => Ok(true),
+        _ => Ok(false),
+    }
+}
+
 async fn api(
     sh: &Arc<Shared>,
     org: &str,
@@ -525,36 +564,10 @@ async fn api(
             FaultKind::TokenOutage | FaultKind::ShortTokenLifetime { .. }
         )
     });
-    let mut malformed = false;
-    match fault {
-        Some(FaultKind::RateLimited { retry_after_secs }) => {
-            sh.world().record_call(endpoint, "fault", 429);
-            let mut r = AdoError::throttled(retry_after_secs).into_response(sh);
-            RateHeaders {
-                limit: 200.0,
-                remaining: 0.0,
-                reset_unix: now_unix() + retry_after_secs as i64,
-                retry_after: Some(retry_after_secs),
-            }
-            .apply(r.headers_mut());
-            return r;
-        }
-        Some(FaultKind::ServerError { status }) => {
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            sh.world().record_call(endpoint, "fault", status.as_u16());
-            return AdoError::new(
-                status,
-                "SqlTimeoutException",
-                "TF246017: Azure DevOps could not connect to the database (simulated fault). Retry later.",
-            )
-            .into_response(sh);
-        }
-        Some(FaultKind::Slow { delay_ms }) => {
-            tokio::time::sleep(Duration::from_millis(delay_ms)).await
-        }
-        Some(FaultKind::MalformedJson) => malformed = true,
-        _ => {}
-    }
+    let mut malformed = match apply_fault(sh, endpoint, fault).await {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
     if let Err(e) = check_api_version(query, headers, method, &route) {
         sh.world()
             .record_call(endpoint, "anonymous", e.status.as_u16());
@@ -586,6 +599,21 @@ async fn api(
             }
         }
     };
+    // Faults scoped to this caller come once it is known.
+    if let Caller::User { oid } = &caller {
+        let fault = sh
+            .world()
+            .take_fault_of(class, Some(org), Some(oid.as_str()), |k| {
+                !matches!(
+                    k,
+                    FaultKind::TokenOutage | FaultKind::ShortTokenLifetime { .. }
+                )
+            });
+        match apply_fault(sh, endpoint, fault).await {
+            Ok(m) => malformed |= m,
+            Err(r) => return r,
+        }
+    }
     let label = caller_label(org, &caller);
     let ctx = Ctx {
         sh,

@@ -495,6 +495,10 @@ pub struct Fault {
     /// Only this organization (Entra faults ignore it).
     #[serde(default)]
     pub org: Option<String>,
+    /// Only calls by this identity (object id) to the ADO REST API, once authenticated: a fault for one
+    /// caller (the controller) while other callers (agents) are served. Entra faults ignore it.
+    #[serde(default)]
+    pub caller: Option<String>,
 }
 
 impl Fault {
@@ -505,6 +509,7 @@ impl Fault {
             kind,
             count: Some(1),
             org: None,
+            caller: None,
         }
     }
     /// A fault hitting the next `n` calls of `class`.
@@ -514,6 +519,7 @@ impl Fault {
             kind,
             count: Some(n),
             org: None,
+            caller: None,
         }
     }
     /// A fault hitting every call of `class` until cleared.
@@ -523,7 +529,13 @@ impl Fault {
             kind,
             count: None,
             org: None,
+            caller: None,
         }
+    }
+    /// Scopes the fault to the ADO calls of one identity (object id).
+    pub fn by(mut self, object_id: impl Into<String>) -> Self {
+        self.caller = Some(object_id.into());
+        self
     }
 }
 

@@ -455,9 +455,26 @@ impl World {
         org: Option<&str>,
         want: impl Fn(&FaultKind) -> bool,
     ) -> Option<FaultKind> {
+        self.take_fault_of(class, org, None, want)
+    }
+
+    /// [`Self::take_fault`] for faults scoped to one caller (`caller` = its object id; `None` takes only
+    /// unscoped faults).
+    pub(crate) fn take_fault_of(
+        &mut self,
+        class: EndpointClass,
+        org: Option<&str>,
+        caller: Option<&str>,
+        want: impl Fn(&FaultKind) -> bool,
+    ) -> Option<FaultKind> {
         let idx = self.faults.iter().position(|f| {
             (f.class == class || f.class == EndpointClass::Any)
                 && want(&f.kind)
+                && match (&f.caller, caller) {
+                    (None, None) => true,
+                    (Some(fc), Some(c)) => fc.eq_ignore_ascii_case(c),
+                    _ => false,
+                }
                 && match (&f.org, org) {
                     (Some(fo), Some(o)) => fo.eq_ignore_ascii_case(o),
                     (Some(_), None) => class == EndpointClass::Token,
