@@ -183,7 +183,7 @@ fn summarize(problems: &[String]) -> String {
 }
 
 /// What the samplers saw while the scenario ran.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Observed {
     samples: u64,
     sample_errors: u64,
@@ -194,6 +194,9 @@ struct Observed {
     raw_peak: BTreeMap<(String, String), usize>,
     over_max: Vec<String>,
     duplicates: BTreeMap<String, String>,
+    /// Requests with two unfinished Jobs in the previous sample (a duplicate counts when two samples in a
+    /// row see it: one sample reads Jobs and requests at two moments).
+    suspects: BTreeSet<String>,
     busy_job_deletions: BTreeMap<String, String>,
 }
 
@@ -516,11 +519,32 @@ fn sample_jobs(bed: &Bed, observed: Arc<Mutex<Observed>>) -> JoinHandle<()> {
                         ));
                     }
                 }
-                for (request, jobs) in twice {
-                    o.duplicates
-                        .entry(request.clone())
-                        .or_insert_with(|| format!("request {request}: {}", jobs.join(", ")));
+                let serving = |job: &str| {
+                    let agent = jobs
+                        .items
+                        .iter()
+                        .find(|j| j.metadata.name.as_deref() == Some(job))
+                        .and_then(job_agent)?;
+                    requests
+                        .iter()
+                        .find(|r| r.agent_name.as_deref() == Some(agent))
+                        .map(|r| r.request_id)
+                };
+                let mut seen = BTreeSet::new();
+                for (request, dup) in twice {
+                    if o.suspects.contains(&request) {
+                        let what = dup
+                            .iter()
+                            .map(|j| format!("{j} (its agent runs {:?})", serving(j)))
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        o.duplicates
+                            .entry(request.clone())
+                            .or_insert_with(|| format!("request {request}: {what}"));
+                    }
+                    seen.insert(request);
                 }
+                o.suspects = seen;
             } else {
                 observed
                     .lock()
@@ -671,7 +695,7 @@ async fn drive(run: &mut Run) -> Result<(), String> {
                 "token calls refused during the outage: {}",
                 sim.calls()
                     .iter()
-                    .filter(|c| c.endpoint == "entra.token" && c.identity == "fault")
+                    .filter(|c| c.endpoint == "entra.token" && c.status == 503)
                     .map(|c| c.count)
                     .sum::<u64>()
             ));
@@ -1022,7 +1046,11 @@ async fn verdict(run: &Run) -> Vec<Cell> {
         )
     };
 
-    let observed = run.observed.lock().unwrap_or_else(|e| e.into_inner());
+    let observed = run
+        .observed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     // (2) never more than maxAgents unfinished agent Jobs, sampled all along.
     let max_agents = if observed.samples == 0 {
         Cell::Na(format!("no sample ({} errors)", observed.sample_errors))
@@ -1086,7 +1114,10 @@ async fn verdict(run: &Run) -> Vec<Cell> {
             .iter()
             .filter(|c| c.action == AgentAction::Deleted && !c.by.starts_with("agent:"))
             .count();
-        Cell::from_problems(problems, format!("{removals} deletions, none busy"))
+        Cell::from_problems(
+            problems,
+            format!("{removals} agent deletions by controllers, none busy"),
+        )
     };
 
     // (4) no request with two unfinished agent Jobs, sampled all along.
@@ -1098,7 +1129,6 @@ async fn verdict(run: &Run) -> Vec<Cell> {
             format!("{} samples", observed.samples),
         )
     };
-    drop(observed);
 
     // (5) no orphan agent or pod after the grace period, once the requests are done.
     let orphans = if settled.is_err() {
