@@ -735,11 +735,18 @@ impl World {
             .map(|r| r.id)
             .collect();
         for id in &expired {
+            let mut agent = None;
             if let Some(r) = self.requests.get_mut(id) {
                 r.status_message = Some(
                     "The agent did not renew the job lock in time; the request was abandoned."
                         .into(),
                 );
+                agent = r.agent;
+            }
+            // ADO stopped hearing from the agent: it goes offline, so no other request is assigned to a
+            // dead agent (where it would wait forever, never received).
+            if let Some(aid) = agent {
+                self.end_session(aid);
             }
             self.finish(*id, "abandoned");
         }
