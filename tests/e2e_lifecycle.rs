@@ -29,48 +29,16 @@ fn agent_names(bed: &Bed) -> Vec<String> {
         .collect()
 }
 
-/// Registers an agent through ADO's REST API as another identity (another cluster's controller, or a
-/// hand-made agent), offline, with the given capabilities.
+/// Registers an offline agent as another identity (another cluster's controller, or a hand-made agent).
 async fn register_agent(bed: &Bed, name: &str, capabilities: serde_json::Value) {
-    let token = bed
-        .sim
-        .mint_access_token(FOREIGN_CLIENT_ID, FOREIGN_OBJECT_ID, DEADLINE * 10);
-    let pool_id = bed.sim.pool_id(ORG, "linux").expect("pool id");
-    let body = serde_json::json!({
-        "name": name,
-        "version": azp_testbed::standin::AGENT_VERSION,
-        "maxParallelism": 1,
-        "enabled": true,
-        "systemCapabilities": capabilities,
-        // A throwaway 2040-bit "key": the agent never connects.
-        "authorization": {"publicKey": {"exponent": "AQAB", "modulus": "////".repeat(85)}},
-    });
-    let response = bed
-        .sim
-        .http_client()
-        .post(format!(
-            "{}/_apis/distributedtask/pools/{pool_id}/agents?api-version=7.1",
-            bed.org_url()
-        ))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
+    let foreign = IdentitySpec::new(FOREIGN_CLIENT_ID).object_id(FOREIGN_OBJECT_ID);
+    bed.register_agent_as(&foreign, "linux", name, capabilities)
         .await
-        .expect("register agent");
-    let status = response.status();
-    assert!(
-        status.is_success(),
-        "registering {name}: {status} {}",
-        response.text().await.unwrap_or_default()
-    );
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 async fn metric(bed: &Bed, needle: &str) -> Option<f64> {
-    let text = bed.metrics_text().await?;
-    text.lines()
-        .filter(|l| l.starts_with(needle))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .reduce(|a, b| a + b)
+    azp_testbed::bed::scrape_metric(&bed.admin_addr, needle).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -399,68 +367,8 @@ async fn the_placeholder_follows_the_agentpools_capabilities_and_agent_version()
     bed.teardown().await;
 }
 
-/// Lets the bed's controller ServiceAccount hold the leader Lease in the bed's namespace (the chart
-/// grants this in the controller's own namespace only).
-async fn grant_lease(bed: &Bed) {
-    use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
-    use kube::api::{ObjectMeta, PostParams};
-    let name = "azp-autoscaler-leader";
-    Api::<Role>::namespaced(bed.client.clone(), &bed.namespace)
-        .create(
-            &PostParams::default(),
-            &Role {
-                metadata: ObjectMeta {
-                    name: Some(name.into()),
-                    ..ObjectMeta::default()
-                },
-                rules: Some(vec![PolicyRule {
-                    api_groups: Some(vec!["coordination.k8s.io".into()]),
-                    resources: Some(vec!["leases".into()]),
-                    verbs: vec!["get".into(), "create".into(), "update".into()],
-                    ..PolicyRule::default()
-                }]),
-            },
-        )
-        .await
-        .expect("role");
-    Api::<RoleBinding>::namespaced(bed.client.clone(), &bed.namespace)
-        .create(
-            &PostParams::default(),
-            &RoleBinding {
-                metadata: ObjectMeta {
-                    name: Some(name.into()),
-                    ..ObjectMeta::default()
-                },
-                role_ref: RoleRef {
-                    api_group: "rbac.authorization.k8s.io".into(),
-                    kind: "Role".into(),
-                    name: name.into(),
-                },
-                subjects: Some(vec![Subject {
-                    kind: "ServiceAccount".into(),
-                    name: azp_testbed::bed::CONTROLLER_SA.into(),
-                    namespace: Some(bed.namespace.clone()),
-                    ..Subject::default()
-                }]),
-            },
-        )
-        .await
-        .expect("role binding");
-}
-
 async fn leader_metric(addr: &str) -> Option<f64> {
-    let text = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find(|l| l.starts_with("azp_autoscaler_leader "))?
-        .rsplit(' ')
-        .next()?
-        .parse()
-        .ok()
+    azp_testbed::bed::scrape_metric(addr, "azp_autoscaler_leader ").await
 }
 
 fn served_requests(bed: &Bed, n: usize) -> Vec<u64> {
@@ -501,35 +409,11 @@ async fn two_replicas_one_leader_writes_and_the_other_takes_over_when_it_dies() 
     opts.start_controller = false;
     opts.controller_args = election.to_vec();
     let mut bed = Bed::start(opts).await.expect("bed");
-    grant_lease(&bed).await;
+    bed.grant_lease().await.expect("lease RBAC");
     bed.start_controller().expect("controller 1");
     // The second replica: same binary, identity and settings, its own admin port.
-    let second_addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-        l.local_addr().expect("addr").to_string()
-    };
-    let log = std::fs::File::create(bed.dir.join("controller-replica-2.log")).expect("log");
-    let mut second =
-        tokio::process::Command::new(azp_testbed::bed::bin_dir().join("azp-autoscaler"))
-            .args([
-                "controller",
-                "--namespace",
-                &bed.namespace,
-                "--cluster-id",
-                &format!("bed-{}", bed.namespace),
-                "--admin-addr",
-                &second_addr,
-                "--agents-every-seconds",
-                "3",
-            ])
-            .args(election)
-            .env_clear()
-            .envs(bed.controller_env())
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("controller 2");
+    let mut second = bed.spawn_replica("replica-2").expect("controller 2");
+    let second_addr = second.admin_addr.clone();
     let first_addr = bed.admin_addr.clone();
 
     // Exactly one leader.
@@ -571,7 +455,7 @@ async fn two_replicas_one_leader_writes_and_the_other_takes_over_when_it_dies() 
         bed.kill_controller().await;
         second_addr.clone()
     } else {
-        let _ = second.kill().await;
+        second.kill().await;
         first_addr.clone()
     };
     eventually("the follower leads", DEADLINE, || async {
@@ -586,7 +470,7 @@ async fn two_replicas_one_leader_writes_and_the_other_takes_over_when_it_dies() 
         5,
         "the new leader served the new requests, once each"
     );
-    let _ = second.kill().await;
+    second.kill().await;
     bed.teardown().await;
 }
 
