@@ -499,11 +499,7 @@ fn cluster_snapshot(
         .filter(|p| belongs(&p.metadata))
         .collect();
     let pod_refs: Vec<&Pod> = pods.iter().map(|p| p.as_ref()).collect();
-    snapshot::cluster_snapshot(
-        jobs,
-        &pod_refs,
-        &snapshot::AgentsSeen::from_agents(agents),
-    )
+    snapshot::cluster_snapshot(jobs, &pod_refs, &snapshot::AgentsSeen::from_agents(agents))
 }
 
 /// Time to agent by phase and queue wait, once per request an agent of ours received.
