@@ -17,10 +17,6 @@ use std::time::{Duration, Instant};
 use azp_testbed::bed::{Bed, BedOptions, ORG, eventually};
 use azp_testbed::sim::RequestSpec;
 use jiff::Timestamp;
-use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
-use kube::Api;
-use kube::api::ListParams;
 use support::{env, keda, object_counts, request_counts, secs};
 
 #[derive(Clone, Copy, PartialEq)]
@@ -133,8 +129,11 @@ async fn run(policy: Policy, k: &Knobs) -> Outcome {
     ids.sort_unstable();
     let started = Instant::now();
     let mut last_print = Instant::now();
+    let (mut jobs_seen, mut pods_seen) = (support::Seen::new(), support::Seen::new());
     loop {
-        let (jobs, pods) = object_counts(&bed, selector).await.unwrap_or_default();
+        let (jobs, pods) = object_counts(&bed, selector, &mut jobs_seen, &mut pods_seen)
+            .await
+            .unwrap_or_default();
         let (received, finished) = request_counts(&bed, &ids);
         let done = received >= n;
         if last_print.elapsed() >= Duration::from_secs(5) || done {
@@ -155,28 +154,12 @@ async fn run(policy: Policy, k: &Knobs) -> Outcome {
         None => None,
     };
 
-    let jobs = Api::<Job>::namespaced(bed.client.clone(), &bed.namespace)
-        .list(&ListParams::default().labels(selector))
-        .await
-        .expect("jobs")
-        .items;
-    let pods = Api::<Pod>::namespaced(bed.client.clone(), &bed.namespace)
-        .list_metadata(&ListParams::default())
-        .await
-        .expect("pods")
-        .items;
-    let created = |m: &kube::core::ObjectMeta| m.creation_timestamp.as_ref().map(|t| t.0);
+    let _ = object_counts(&bed, selector, &mut jobs_seen, &mut pods_seen).await;
     let reqs = bed.sim.requests(ORG, "linux").expect("requests");
     let outcome = Outcome {
         // creationTimestamp has whole seconds: ±1 s on these two.
-        jobs: phase(
-            queued,
-            jobs.iter().filter_map(|j| created(&j.metadata)).collect(),
-        ),
-        pods: phase(
-            queued,
-            pods.iter().filter_map(|p| created(&p.metadata)).collect(),
-        ),
+        jobs: phase(queued, jobs_seen.values().flatten().copied().collect()),
+        pods: phase(queued, pods_seen.values().flatten().copied().collect()),
         received: phase(
             queued,
             reqs.iter()
@@ -184,7 +167,7 @@ async fn run(policy: Policy, k: &Knobs) -> Outcome {
                 .filter_map(|r| r.receive_time)
                 .collect(),
         ),
-        jobs_created: jobs.len(),
+        jobs_created: jobs_seen.len(),
         wall,
         keda,
     };

@@ -5,6 +5,7 @@
 
 pub mod keda;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use azp_testbed::bed::{Bed, ORG};
@@ -69,31 +70,54 @@ fn finished(job: &Job) -> bool {
         })
 }
 
-/// Jobs matching `selector`: (all, unfinished).
-pub async fn job_counts(bed: &Bed, selector: &str) -> Option<(usize, usize)> {
+/// Every object ever seen by a sampler, by name, with its creation time: Jobs an autoscaler deletes
+/// (surplus, replaced) still count as created.
+pub type Seen = BTreeMap<String, Option<Timestamp>>;
+
+fn remember(seen: &mut Seen, meta: &kube::core::ObjectMeta) {
+    if let Some(name) = &meta.name {
+        seen.insert(name.clone(), meta.creation_timestamp.as_ref().map(|t| t.0));
+    }
+}
+
+/// Jobs matching `selector`: (existing, unfinished); adds them to `seen`.
+pub async fn job_counts(bed: &Bed, selector: &str, seen: &mut Seen) -> Option<(usize, usize)> {
     let jobs = Api::<Job>::namespaced(bed.client.clone(), &bed.namespace)
         .list(&ListParams::default().labels(selector))
         .await
         .ok()?
         .items;
+    for j in &jobs {
+        remember(seen, &j.metadata);
+    }
     Some((jobs.len(), jobs.iter().filter(|j| !finished(j)).count()))
 }
 
-/// Cheap counts for progress: Jobs (metadata only) and pods of the namespace.
-pub async fn object_counts(bed: &Bed, selector: &str) -> Option<(usize, usize)> {
+/// Cheap counts for progress: Jobs (metadata only) and pods of the namespace, existing now; adds them
+/// to the seen sets.
+pub async fn object_counts(
+    bed: &Bed,
+    selector: &str,
+    jobs_seen: &mut Seen,
+    pods_seen: &mut Seen,
+) -> Option<(usize, usize)> {
     let jobs = Api::<Job>::namespaced(bed.client.clone(), &bed.namespace)
         .list_metadata(&ListParams::default().labels(selector))
         .await
         .ok()?
-        .items
-        .len();
+        .items;
     let pods = Api::<Pod>::namespaced(bed.client.clone(), &bed.namespace)
         .list_metadata(&ListParams::default())
         .await
         .ok()?
-        .items
-        .len();
-    Some((jobs, pods))
+        .items;
+    for j in &jobs {
+        remember(jobs_seen, &j.metadata);
+    }
+    for p in &pods {
+        remember(pods_seen, &p.metadata);
+    }
+    Some((jobs.len(), pods.len()))
 }
 
 /// Requests of the bed's `linux` pool among `ids`: (received, finished).
@@ -132,58 +156,57 @@ impl Waiting {
     }
 }
 
-/// Samples every `every` until `done` holds for the requests or `deadline` passes; prints progress every
-/// `print_every`. Returns the waiting statistics and whether `done` was reached.
+/// Samples every `every` until `expected` requests of the bed's `linux` pool were received or `deadline`
+/// passes; prints progress every `print_every`. Returns the waiting statistics and whether all were
+/// received.
 pub async fn sample_until(
     bed: &Bed,
     selector: &str,
-    ids: &[u64],
+    expected: usize,
     every: Duration,
     print_every: Duration,
     deadline: Duration,
-    done: impl Fn(usize, usize) -> bool,
+    seen: &mut Seen,
 ) -> (Waiting, bool) {
     let started = Instant::now();
     let mut last_print = Instant::now();
     let mut w = Waiting::default();
+    let mut last_sample = Instant::now();
     loop {
+        let tick = Instant::now();
         let reqs = bed.sim.requests(ORG, "linux").unwrap_or_default();
-        let mine: Vec<_> = reqs
-            .iter()
-            .filter(|r| ids.binary_search(&r.request_id).is_ok())
-            .collect();
-        let waiting = mine
+        let waiting = reqs
             .iter()
             .filter(|r| r.receive_time.is_none() && r.finish_time.is_none())
             .count();
-        let running = mine
+        let running = reqs
             .iter()
             .filter(|r| r.receive_time.is_some() && r.finish_time.is_none())
             .count();
-        let received = mine.iter().filter(|r| r.receive_time.is_some()).count();
-        let finished = mine.iter().filter(|r| r.finish_time.is_some()).count();
-        if let Some((jobs, unfinished)) = job_counts(bed, selector).await {
+        let received = reqs.iter().filter(|r| r.receive_time.is_some()).count();
+        if let Some((jobs, unfinished)) = job_counts(bed, selector, seen).await {
             let free = unfinished.saturating_sub(running);
             let left = waiting.saturating_sub(free);
             w.samples += 1;
             w.sum += left as f64;
             w.peak = w.peak.max(left);
-            w.request_secs += left as f64 * every.as_secs_f64();
+            w.request_secs += left as f64 * last_sample.elapsed().as_secs_f64();
+            last_sample = Instant::now();
             if last_print.elapsed() >= print_every {
                 last_print = Instant::now();
                 println!(
-                    "  [{:>5.0} s] queued {}  received {received}  finished {finished}  Jobs {jobs} ({unfinished} unfinished)  left waiting {left}",
+                    "  [{:>5.0} s] queued {}  waiting {waiting}  running {running}  received {received}  Jobs {jobs} ({unfinished} unfinished)  left waiting {left}",
                     started.elapsed().as_secs_f64(),
-                    mine.len()
+                    reqs.len()
                 );
             }
         }
-        if done(received, finished) {
+        if received >= expected {
             return (w, true);
         }
         if started.elapsed() >= deadline {
             return (w, false);
         }
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(every.saturating_sub(tick.elapsed())).await;
     }
 }
