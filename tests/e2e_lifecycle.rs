@@ -812,3 +812,93 @@ async fn a_busy_agent_pod_cannot_be_evicted_an_idle_one_can_and_a_lost_job_is_co
     step("done");
     bed.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_uninstall_hook_drains_the_releases_agentpools_under_the_charts_rbac() {
+    let bed = Bed::start(BedOptions::new("e2e-uninstall"))
+        .await
+        .expect("bed");
+    let release_label = "app.kubernetes.io/instance=azp-e2e";
+    let mut ours = bed.agentpool("linux", "linux", 3);
+    ours["metadata"]["labels"] = serde_json::json!({"app.kubernetes.io/instance": "azp-e2e"});
+    bed.apply_agentpool(ours).await.expect("apply");
+    // An AgentPool that is not the release's: the hook leaves it alone.
+    bed.apply_agentpool(bed.agentpool("other", "linux", 1))
+        .await
+        .expect("apply");
+    bed.wait_ready("linux").await;
+    bed.wait_ready("other").await;
+    let placeholders = |bed: &Bed| -> Vec<String> {
+        agent_names(bed)
+            .into_iter()
+            .filter(|n| n.starts_with("azp-placeholder-"))
+            .collect()
+    };
+    assert_eq!(placeholders(&bed).len(), 2, "{:?}", agent_names(&bed));
+
+    // A job runs when `helm uninstall` starts.
+    let id = bed
+        .sim
+        .queue(
+            ORG,
+            "linux",
+            RequestSpec::new().duration(Duration::from_secs(8)),
+        )
+        .expect("queue");
+    bed.sim
+        .wait_request(ORG, id, DEADLINE, |r| r.receive_time.is_some())
+        .await
+        .unwrap_or_else(|e| fail(&bed, format!("request {id} never ran: {e}")));
+
+    // The hook's command, as the chart's Job runs it, under exactly the chart's hook RBAC.
+    let rules = azp_testbed::chart::drain_rules().expect("the chart's drain rules");
+    let kubeconfig = bed
+        .service_account_kubeconfig("azp-drain", rules)
+        .await
+        .expect("hook ServiceAccount");
+    let out = tokio::process::Command::new(azp_testbed::bed::bin("azp-autoscaler"))
+        .args([
+            "drain",
+            "--namespace",
+            &bed.namespace,
+            "--selector",
+            release_label,
+            "--timeout-seconds",
+            "120",
+            "--progress-seconds",
+            "1",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .await
+        .expect("run azp-autoscaler drain");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        fail(
+            &bed,
+            format!("drain failed ({}):\n{stdout}\n{stderr}", out.status),
+        );
+    }
+    assert!(
+        stdout.contains("busy agent(s) to finish their job"),
+        "progress names the busy agent it waits for:\n{stdout}"
+    );
+
+    // The busy agent finished its job; the release's AgentPool and placeholder are gone, the other stays.
+    let done = bed
+        .sim
+        .wait_request(ORG, id, DEADLINE, |r| r.result.is_some())
+        .await
+        .expect("request");
+    assert_eq!(done.result.as_deref(), Some("succeeded"), "{done:?}");
+    let api = agentpools(&bed);
+    assert!(api.get_opt("linux").await.expect("get").is_none());
+    assert!(api.get_opt("other").await.expect("get").is_some());
+    let left = placeholders(&bed);
+    assert!(
+        left.len() == 1 && left[0].contains("-other-"),
+        "only the other AgentPool's placeholder is left: {left:?}"
+    );
+    bed.teardown().await;
+}

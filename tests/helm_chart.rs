@@ -761,6 +761,11 @@ dashboard:
 serviceHooks:
   enabled: true
   existingSecret: azp-hooks
+# The organization is unreachable here, so nothing could drain: no uninstall hook (its command is tested
+# against the simulator in tests/e2e_lifecycle.rs, its rendering below).
+uninstall:
+  drain:
+    enabled: false
 "#,
         pools = pools_ns.name
     )));
@@ -1173,4 +1178,82 @@ async fn check_uninstalled(
     .await?
     .ok_or("helm uninstall deleted the AgentPool CRD (it must be kept)")?;
     Ok(())
+}
+
+#[test]
+fn the_uninstall_hook_drains_every_pool_namespace_of_the_release_before_anything_is_deleted() {
+    let values = |drain: bool| {
+        format!(
+            "{}organization: https://dev.azure.com/contoso\npools:\n  - name: linux\n    namespace: ci\n  - name: gpu\n    namespace: ml\nuninstall:\n  drain:\n    enabled: {drain}\n    timeoutSeconds: 400\n",
+            chart::rbac_values(None)
+        )
+    };
+    let objects = unwrap(chart::objects(&unwrap(chart::render_values(
+        "rel",
+        "azp-system",
+        &values(true),
+    ))));
+    let hooks: Vec<&serde_json::Value> = objects
+        .iter()
+        .filter(|o| o["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete")
+        .collect();
+    let job = hooks
+        .iter()
+        .find(|o| o["kind"] == "Job")
+        .expect("a pre-delete hook Job");
+    let args: Vec<&str> = job["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert_eq!(
+        args,
+        [
+            "drain",
+            "--selector=app.kubernetes.io/instance=rel",
+            "--timeout-seconds=400",
+            "--namespace=ci",
+            "--namespace=ml",
+        ]
+    );
+    // Its permissions exist before it runs (lower hook weight), in each pool namespace.
+    let sa = job["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .expect("SA");
+    for ns in ["ci", "ml"] {
+        let binding = hooks
+            .iter()
+            .find(|o| o["kind"] == "RoleBinding" && o["metadata"]["namespace"] == ns)
+            .unwrap_or_else(|| panic!("no hook RoleBinding in {ns}"));
+        assert_eq!(binding["subjects"][0]["name"], sa);
+        assert_eq!(binding["subjects"][0]["namespace"], "azp-system");
+        assert!(
+            binding["metadata"]["annotations"]["helm.sh/hook-weight"]
+                .as_str()
+                .and_then(|w| w.parse::<i32>().ok())
+                < job["metadata"]["annotations"]["helm.sh/hook-weight"]
+                    .as_str()
+                    .and_then(|w| w.parse::<i32>().ok()),
+            "RBAC before the Job"
+        );
+    }
+    // It selects no controller Service, PodDisruptionBudget or NetworkPolicy.
+    assert_eq!(
+        job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"],
+        "uninstall-drain"
+    );
+    kubernetes_validate(&hooks, "the uninstall hook");
+
+    let without = unwrap(chart::objects(&unwrap(chart::render_values(
+        "rel",
+        "azp-system",
+        &values(false),
+    ))));
+    assert!(
+        !without
+            .iter()
+            .any(|o| o["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"),
+        "uninstall.drain.enabled=false renders no hook"
+    );
 }

@@ -97,6 +97,16 @@ watches. The one list of rules: the end-to-end tests run the controller under ex
   verbs: ["create", "patch"]
 {{- end }}
 
+{{/*
+What the uninstall hook's `azp-autoscaler drain` may do in the namespaces of the release's pools (the
+e2e test runs it under exactly these rules: tests/testbed/src/chart.rs renders them).
+*/}}
+{{- define "azp.drainRules" -}}
+- apiGroups: ["azp-autoscaler.dev"]
+  resources: ["agentpools"]
+  verbs: ["get", "list", "delete"]
+{{- end }}
+
 {{/* Namespaces that hold pools of this release (unique; the release namespace when there is no pool). */}}
 {{- define "azp.poolNamespaces" -}}
 {{- $namespaces := list }}

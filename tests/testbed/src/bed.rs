@@ -128,7 +128,8 @@ pub fn bin_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target/debug"))
 }
 
-fn bin(name: &str) -> PathBuf {
+/// A binary of this workspace (built by `cargo build --workspace --bins`).
+pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
@@ -322,6 +323,74 @@ impl Bed {
     /// The environment the controller process runs with (for running other commands as the controller).
     pub fn controller_env(&self) -> Vec<(String, String)> {
         self.controller_env.clone()
+    }
+
+    /// A ServiceAccount `name` in the bed's namespace bound to exactly `rules`, and a kubeconfig with its
+    /// token (for running a command as it, e.g. the chart's uninstall hook). Returns the kubeconfig path.
+    pub async fn service_account_kubeconfig(
+        &self,
+        name: &str,
+        rules: Vec<PolicyRule>,
+    ) -> Result<PathBuf, BedError> {
+        let ns = &self.namespace;
+        Api::<ServiceAccount>::namespaced(self.client.clone(), ns)
+            .create(
+                &PostParams::default(),
+                &ServiceAccount {
+                    metadata: ObjectMeta {
+                        name: Some(name.to_owned()),
+                        ..ObjectMeta::default()
+                    },
+                    ..ServiceAccount::default()
+                },
+            )
+            .await?;
+        Api::<Role>::namespaced(self.client.clone(), ns)
+            .create(
+                &PostParams::default(),
+                &Role {
+                    metadata: ObjectMeta {
+                        name: Some(name.to_owned()),
+                        ..ObjectMeta::default()
+                    },
+                    rules: Some(rules),
+                },
+            )
+            .await?;
+        Api::<RoleBinding>::namespaced(self.client.clone(), ns)
+            .create(
+                &PostParams::default(),
+                &RoleBinding {
+                    metadata: ObjectMeta {
+                        name: Some(name.to_owned()),
+                        ..ObjectMeta::default()
+                    },
+                    role_ref: RoleRef {
+                        api_group: "rbac.authorization.k8s.io".to_owned(),
+                        kind: "Role".to_owned(),
+                        name: name.to_owned(),
+                    },
+                    subjects: Some(vec![Subject {
+                        kind: "ServiceAccount".to_owned(),
+                        name: name.to_owned(),
+                        namespace: Some(ns.clone()),
+                        ..Subject::default()
+                    }]),
+                },
+            )
+            .await?;
+        let token = sa_token(&self.client, ns, name, None).await?;
+        let server = client_server_url()?;
+        let ca = cluster_state_dir().join("pki").join("ca.crt");
+        let path = self.dir.join(format!("{name}.kubeconfig"));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: bed\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n- name: bed\n  context: {{cluster: bed, user: {name}, namespace: {ns}}}\ncurrent-context: bed\n",
+                ca.display()
+            ),
+        )?;
+        Ok(path)
     }
 
     /// Kills the controller with SIGKILL (no cleanup on its side) and waits for it.

@@ -239,6 +239,26 @@ pub fn controller_role_rules() -> Result<Vec<PolicyRule>, ChartError> {
     controller_rules(Some("azp-watched"))
 }
 
+/// The rules of the chart's uninstall hook (`azp-autoscaler drain`) in a pool namespace, as rendered.
+pub fn drain_rules() -> Result<Vec<PolicyRule>, ChartError> {
+    let values = format!(
+        "{}organization: https://dev.azure.com/contoso\npools:\n  - name: linux\n    namespace: azp-pools\n",
+        rbac_values(None)
+    );
+    let manifest = render_values("azp", "azp-system", &values)?;
+    let objects = objects(&manifest)?;
+    let role = objects
+        .iter()
+        .find(|o| {
+            o["kind"] == "Role"
+                && o["metadata"]["name"] == "azp-azp-autoscaler-drain"
+                && o["metadata"]["namespace"] == "azp-pools"
+        })
+        .ok_or_else(|| ChartError::Other("no Role azp-pools/azp-azp-autoscaler-drain".into()))?;
+    serde_json::from_value(role["rules"].clone())
+        .map_err(|e| ChartError::Other(format!("the drain role's rules do not parse: {e}")))
+}
+
 /// `helm install` of the chart with the given values into `namespace` (created), waiting for nothing
 /// (pods stay Pending on a bed without a node for them). `extra` are more helm arguments.
 pub fn install(
