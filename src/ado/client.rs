@@ -103,6 +103,12 @@ impl AgentQuery {
         self.include_assigned_request = true;
         self
     }
+
+    /// Also read the request each agent last completed.
+    pub fn with_last_completed_request(mut self) -> Self {
+        self.include_last_completed_request = true;
+        self
+    }
 }
 
 /// A partial update of an agent (`PATCH`): only the fields set are sent.

@@ -83,6 +83,14 @@ struct GroupState {
     budgets: protect::Budgets,
     /// Agent Jobs created that the watch cache may not show yet.
     expected: snapshot::ExpectedJobs,
+    /// Our agents seen registered in an earlier agents list (see [`snapshot::AgentsSeen::with_deregistered`]).
+    registered_before: HashSet<String>,
+}
+
+impl GroupState {
+    fn expected_agent_names(&self) -> Vec<String> {
+        self.expected.agent_names()
+    }
 }
 
 /// How long a created Job counts without the watch cache showing it.
@@ -255,10 +263,25 @@ async fn poll_once(
                 pool_id,
                 &AgentQuery::all()
                     .with_capabilities()
-                    .with_assigned_request(),
+                    .with_assigned_request()
+                    .with_last_completed_request(),
             )
             .await?;
         state.agents_read = Some(now);
+        let ours: HashSet<String> = ctx
+            .jobs
+            .state()
+            .iter()
+            .filter_map(|j| {
+                j.metadata
+                    .annotations
+                    .as_ref()?
+                    .get(job::ANNOTATION_AGENT_NAME)
+                    .cloned()
+            })
+            .chain(state.expected_agent_names())
+            .collect();
+        snapshot::remember_registered(&mut state.registered_before, &state.agents, &ours);
     }
     if state
         .usage_read
@@ -285,7 +308,14 @@ async fn poll_once(
         .filter_map(|p| snapshot::plan_spec(p))
         .collect();
     let planned_at = Timestamp::now();
-    let cluster = cluster_snapshot(ctx, &valid, &state.agents, &mut state.expected, planned_at);
+    let cluster = cluster_snapshot(
+        ctx,
+        &valid,
+        &state.agents,
+        &state.registered_before,
+        &mut state.expected,
+        planned_at,
+    );
     let plan = plan::plan(&ado_snapshot, &cluster, &specs, planned_at);
     let cleanup = plan::cleanup(
         &ado_snapshot,
@@ -345,6 +375,7 @@ async fn poll_once(
             ctx,
             std::slice::from_ref(pool),
             &state.agents,
+            &state.registered_before,
             &mut state.expected,
             planned_at,
         );
@@ -467,6 +498,7 @@ fn cluster_snapshot(
     ctx: &Context,
     members: &[Arc<AgentPool>],
     agents: &[TaskAgent],
+    registered_before: &HashSet<String>,
     expected: &mut snapshot::ExpectedJobs,
     now: Timestamp,
 ) -> plan::ClusterSnapshot {
@@ -506,7 +538,11 @@ fn cluster_snapshot(
         .filter(|p| belongs(&p.metadata))
         .collect();
     let pod_refs: Vec<&Pod> = pods.iter().map(|p| p.as_ref()).collect();
-    snapshot::cluster_snapshot(jobs, &pod_refs, &snapshot::AgentsSeen::from_agents(agents))
+    snapshot::cluster_snapshot(
+        jobs,
+        &pod_refs,
+        &snapshot::AgentsSeen::from_agents(agents).with_deregistered(registered_before),
+    )
 }
 
 /// Time to agent by phase and queue wait, once per request an agent of ours received.

@@ -183,6 +183,35 @@ impl<'a> AgentsSeen<'a> {
                 .collect(),
         }
     }
+
+    /// Also counts as completed the agents that were registered in an earlier list and are gone now: a
+    /// run-once agent that deregistered after its job (its pod may still be exiting) never comes back, so
+    /// its Job is neither a starting agent nor surplus to remove.
+    pub fn with_deregistered(mut self, registered_before: &'a HashSet<String>) -> Self {
+        let gone: Vec<&'a str> = registered_before
+            .iter()
+            .map(String::as_str)
+            .filter(|n| !self.registered.contains(n))
+            .collect();
+        self.completed.extend(gone);
+        self
+    }
+}
+
+/// Remembers which of our agents have been seen registered (`agent_names`: the agent names of our
+/// unfinished-or-recent Jobs, which bounds the set), for [`AgentsSeen::with_deregistered`].
+pub fn remember_registered(
+    registered_before: &mut HashSet<String>,
+    agents: &[TaskAgent],
+    agent_names: &HashSet<String>,
+) {
+    registered_before.retain(|n| agent_names.contains(n));
+    registered_before.extend(
+        agents
+            .iter()
+            .filter(|a| agent_names.contains(&a.name))
+            .map(|a| a.name.clone()),
+    );
 }
 
 /// Our agent Jobs (and their pods) → the planner's [`plan::ClusterSnapshot`]. A Job whose agent is
@@ -863,6 +892,20 @@ impl ExpectedJobs {
         self.jobs.len()
     }
 
+    /// The agent names of the expected Jobs.
+    pub fn agent_names(&self) -> Vec<String> {
+        self.jobs
+            .values()
+            .filter_map(|(j, _)| {
+                j.metadata
+                    .annotations
+                    .as_ref()?
+                    .get(ANNOTATION_AGENT_NAME)
+                    .cloned()
+            })
+            .collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.jobs.is_empty()
     }
@@ -923,5 +966,49 @@ mod expected_jobs_tests {
         // Past the TTL nothing is added any more.
         assert!(expected.settle([], t0 + ttl, ttl).is_empty());
         assert!(expected.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod deregistered_tests {
+    use super::*;
+
+    fn agent(name: &str, completed: bool) -> TaskAgent {
+        let mut v = serde_json::json!({"id": 1, "name": name, "status": "online", "enabled": true});
+        if completed {
+            v["lastCompletedRequest"] = serde_json::json!({"requestId": 9});
+        }
+        serde_json::from_value(v).expect("agent")
+    }
+
+    #[test]
+    fn an_agent_seen_registered_and_gone_now_has_completed() {
+        let ours: HashSet<String> = ["a-1", "a-2", "a-3"].map(str::to_owned).into();
+        let mut before = HashSet::new();
+        // First list: a-1 and a-2 registered (a-3 still starting); a foreign agent is not remembered.
+        let first = [
+            agent("a-1", false),
+            agent("a-2", false),
+            agent("vm-7", false),
+        ];
+        remember_registered(&mut before, &first, &ours);
+        assert_eq!(before, ["a-1", "a-2"].map(str::to_owned).into());
+
+        // Second list: a-1 deregistered after its job, a-2 completed but still registered.
+        let second = [agent("a-2", true)];
+        let seen = AgentsSeen::from_agents(&second).with_deregistered(&before);
+        assert!(
+            seen.completed.contains("a-1"),
+            "gone after being registered"
+        );
+        assert!(seen.completed.contains("a-2"), "lastCompletedRequest");
+        assert!(
+            !seen.completed.contains("a-3"),
+            "never registered yet: still starting, not completed"
+        );
+
+        // Jobs gone (TTL): their names are forgotten.
+        remember_registered(&mut before, &second, &HashSet::from(["a-2".to_owned()]));
+        assert_eq!(before, HashSet::from(["a-2".to_owned()]));
     }
 }
