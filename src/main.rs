@@ -108,6 +108,14 @@ struct HookArgs {
     /// Hooks within this many milliseconds wake the polls once.
     #[arg(long, default_value_t = 1000)]
     hooks_min_wake_interval_ms: u64,
+    /// While hooks flow (one arrived within --hooks-poll-window-seconds), poll only every this many
+    /// seconds: the hooks wake the polls. 0 (default): polling keeps its interval. Turn it on only when
+    /// every ADO project that uses the pools has the subscription (it is per project).
+    #[arg(long, default_value_t = 0)]
+    hooks_poll_interval_seconds: u64,
+    /// How long after the last hook polling stays slow.
+    #[arg(long, default_value_t = 300)]
+    hooks_poll_window_seconds: u64,
 }
 
 impl HookArgs {
@@ -220,6 +228,12 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         orphan_grace: Duration::from_secs(args.orphan_grace_seconds),
         allow_list,
         leader_election,
+        hook_cadence: (args.hooks.hooks_addr.is_some()
+            && args.hooks.hooks_poll_interval_seconds > 0)
+            .then(|| azp_autoscaler::plan::cadence::HookCadence {
+                interval: Duration::from_secs(args.hooks.hooks_poll_interval_seconds),
+                window: Duration::from_secs(args.hooks.hooks_poll_window_seconds),
+            }),
         ..azp_autoscaler::controller::Config::default()
     };
     let metrics = azp_autoscaler::metrics::Metrics::new();

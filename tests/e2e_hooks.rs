@@ -139,3 +139,77 @@ async fn a_service_hook_creates_the_agent_job_before_the_next_poll() {
     bed.teardown().await;
     let _ = std::fs::remove_dir_all(&token_dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn while_hooks_flow_polling_slows_down_and_a_hook_still_scales_up_at_once() {
+    let token_dir = std::env::temp_dir().join(format!("azp-e2e-hooks-slow-{}", std::process::id()));
+    std::fs::create_dir_all(&token_dir).unwrap();
+    let token_file = token_dir.join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let hooks_addr = format!("127.0.0.1:{}", free_port());
+    let mut opts = BedOptions::new("e2e-hooks-slow");
+    opts.controller_args = vec![
+        format!("--hooks-addr={hooks_addr}"),
+        format!("--hooks-token-file={}", token_file.display()),
+        // Hooks flow: poll every hour instead of every second, for 10 minutes after the last hook.
+        "--hooks-poll-interval-seconds=3600".into(),
+        "--hooks-poll-window-seconds=600".into(),
+    ];
+    let bed = Bed::start(opts).await.expect("bed");
+    let mut pool = bed.agentpool("linux", "linux", 5);
+    pool["spec"]["pollIntervalSeconds"] = 1.into();
+    bed.apply_agentpool(pool).await.expect("apply");
+    bed.wait_ready("linux").await;
+    let fail = |e: String| -> ! { panic!("{e}\n{}", bed.controller_logs()) };
+
+    // No hook yet: polling every second.
+    let polls = || bed.sim.call_count("jobrequests.list");
+    let before = polls();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let without_hooks = polls() - before;
+    assert!(
+        without_hooks >= 3,
+        "polling every second before any hook: {without_hooks} polls in 5 s"
+    );
+
+    // A hook: one poll at once, then the hour-long interval.
+    let url = format!("http://{hooks_addr}/hooks/ado");
+    let http = reqwest::Client::new();
+    let post = || {
+        http.post(&url)
+            .header("x-azp-hook-token", TOKEN)
+            .header("content-type", "application/json")
+            .body(SAMPLE)
+            .send()
+    };
+    let accepted = post().await.expect("post");
+    assert!(accepted.status().is_success(), "{}", accepted.status());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after_hook = polls();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let while_flowing = polls() - after_hook;
+    assert!(
+        while_flowing <= 1,
+        "while hooks flow the 1 s polling waits for the next hook: {while_flowing} polls in 5 s"
+    );
+
+    // A waiting request and its hook: the agent Job is created at once, without a scheduled poll.
+    let id = bed
+        .sim
+        .queue(
+            ORG,
+            "linux",
+            RequestSpec::new().duration(Duration::from_secs(1)),
+        )
+        .expect("queue");
+    let accepted = post().await.expect("post");
+    assert!(accepted.status().is_success(), "{}", accepted.status());
+    let done = bed
+        .sim
+        .wait_request(ORG, id, DEADLINE, |r| r.result.is_some())
+        .await
+        .unwrap_or_else(|e| fail(e.to_string()));
+    assert_eq!(done.result.as_deref(), Some("succeeded"), "{done:?}");
+    let _ = std::fs::remove_dir_all(&token_dir);
+    bed.teardown().await;
+}

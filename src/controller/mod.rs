@@ -65,6 +65,8 @@ pub struct Config {
     pub orphan_grace: Duration,
     /// Wakes every poll task at once (shared with the service-hook endpoint).
     pub wake: Arc<Notify>,
+    /// Slower polling while service hooks flow (opt-in: every project using the pools must send hooks).
+    pub hook_cadence: Option<crate::plan::cadence::HookCadence>,
     /// Leader election among replicas (None: this replica always writes).
     pub leader_election: Option<leader::LeaderConfig>,
     /// Which organizations / ADO pools each namespace may use with the controller's identity (None: any).
@@ -83,6 +85,7 @@ impl Default for Config {
             instance: std::env::var("POD_NAME").unwrap_or_else(|_| "azp-autoscaler".to_owned()),
             orphan_grace: Duration::from_secs(120),
             wake: Arc::new(Notify::new()),
+            hook_cadence: None,
             leader_election: None,
             allow_list: None,
         }

@@ -99,6 +99,7 @@ const EXPECTED_JOB_TTL: SignedDuration = SignedDuration::from_secs(120);
 /// Polls one group until no AgentPool belongs to it any more.
 pub(crate) async fn run_group(ctx: Arc<Context>, key: GroupKey) {
     let mut state = GroupState::default();
+    let mut last_hook: Option<Instant> = None;
     loop {
         let members = members(&ctx, &key);
         let draining = draining(&ctx, &key);
@@ -141,10 +142,16 @@ pub(crate) async fn run_group(ctx: Arc<Context>, key: GroupKey) {
                 organization: key.organization.clone(),
             })
             .observe(started.elapsed().as_secs_f64());
-        let wait = Duration::from_secs(u64::from(interval)).mul_f64(slow_down.max(1.0));
+        let wait = plan::cadence::next_poll_wait(
+            Duration::from_secs(u64::from(interval)),
+            slow_down,
+            ctx.config.hook_cadence,
+            last_hook.map(|t| t.elapsed()),
+        );
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = woken => {}
+            // Only the service-hook endpoint wakes the polls.
+            _ = woken => last_hook = Some(Instant::now()),
         }
     }
 }

@@ -119,6 +119,7 @@
 //! assert!(json.starts_with(r#"{"pools":[{"agentPool":"ci/linux","adoPool":"builds","pending":[42]"#));
 //! ```
 
+pub mod cadence;
 pub mod cleanup;
 pub mod demand;
 pub mod drain;
