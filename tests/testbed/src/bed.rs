@@ -582,7 +582,7 @@ pub fn controller_role_rules() -> Vec<PolicyRule> {
             &["get", "list", "watch", "create", "delete", "patch"],
         ),
         rule(&[""], &["pods"], &["get", "list", "watch"]),
-        rule(&[""], &["secrets"], &["get"]),
+        rule(&[""], &["secrets"], &["get", "create", "delete"]),
         rule(&["events.k8s.io"], &["events"], &["create", "patch"]),
     ]
 }
