@@ -12,31 +12,33 @@ use kube::{Api, Resource};
 
 use super::{Context, snapshot};
 use crate::ado::{AdoClient, AgentQuery, AgentUpdate};
-use crate::k8s::crd::AgentPool;
+use crate::k8s::crd::{AgentPool, Registration};
 use crate::k8s::job::{self, AgentJob};
 use crate::metrics::{CleanupLabels, ErrorLabels, PoolLabels};
 use crate::plan::{self, Action};
 
 /// Applies every action of the plan. Errors are counted and logged per action; one failed action never
-/// stops the others.
+/// stops the others. Returns the agent Jobs (`namespace/name`) of `registration: controller` whose agent
+/// this call registered and whose Secret it wrote.
 pub(crate) async fn apply(
     ctx: &Context,
     ado: &AdoClient,
     pool_id: i32,
     plan: &plan::Plan,
     pools: &BTreeMap<plan::PoolRef, Arc<AgentPool>>,
-) {
+) -> Vec<String> {
     let creates: Vec<Action> = plan
         .actions
         .iter()
         .filter(|a| matches!(a, Action::CreateAgent { .. }))
         .cloned()
         .collect();
-    let results: Vec<(plan::PoolRef, Result<bool, String>)> = futures::stream::iter(creates)
+    type Created = Result<Option<Option<String>>, String>;
+    let results: Vec<(plan::PoolRef, Created)> = futures::stream::iter(creates)
         .map(|action: Action| async move {
             let pool_ref = action.agent_pool().clone();
             let result = match pools.get(&pool_ref) {
-                Some(pool) => create(ctx, pool, &action, &plan.ado_pool).await,
+                Some(pool) => create(ctx, ado, pool_id, pool, &action, &plan.ado_pool).await,
                 None => Err(format!("AgentPool {pool_ref} vanished")),
             };
             (pool_ref, result)
@@ -46,10 +48,14 @@ pub(crate) async fn apply(
         .await;
 
     let mut created: BTreeMap<plan::PoolRef, u32> = BTreeMap::new();
+    let mut files_stored = Vec::new();
     for (pool_ref, result) in results {
         match result {
-            Ok(true) => *created.entry(pool_ref).or_default() += 1,
-            Ok(false) => {}
+            Ok(Some(stored)) => {
+                *created.entry(pool_ref).or_default() += 1;
+                files_stored.extend(stored);
+            }
+            Ok(None) => {}
             Err(message) => {
                 tracing::warn!(agentpool = %pool_ref, error = %message, "creating an agent Job failed");
                 ctx.metrics
@@ -135,15 +141,20 @@ pub(crate) async fn apply(
             }
         }
     }
+    files_stored
 }
 
-/// Creates one agent Job. `Ok(false)`: it already existed (409: another poll or replica made it).
+/// Creates one agent Job (and, for `registration: controller`, registers its agent and writes its
+/// Secret: `Some(Some(job))` when that worked too; a failure there is retried by the next poll).
+/// `Ok(None)`: the Job already existed (409: another poll or replica made it).
 async fn create(
     ctx: &Context,
+    ado: &AdoClient,
+    pool_id: i32,
     pool: &AgentPool,
     action: &Action,
     ado_pool: &str,
-) -> Result<bool, String> {
+) -> Result<Option<Option<String>>, String> {
     let Action::CreateAgent {
         agent_pool,
         job_name,
@@ -152,7 +163,7 @@ async fn create(
         reason,
     } = action
     else {
-        return Ok(false);
+        return Ok(None);
     };
     let agent_name = snapshot::agent_name(job_name, &ctx.cluster_id, &agent_pool.namespace);
     let request_id = *for_request;
@@ -169,7 +180,7 @@ async fn create(
     .map_err(|e| e.to_string())?;
     let api: Api<Job> = Api::namespaced(ctx.client.clone(), &agent_pool.namespace);
     match api.create(&PostParams::default(), &job).await {
-        Ok(_) => {
+        Ok(created) => {
             tracing::info!(agentpool = %agent_pool, job = %job_name, agent = %agent_name, request = ?for_request, %reason, "agent Job created");
             let labels = PoolLabels {
                 namespace: agent_pool.namespace.clone(),
@@ -177,10 +188,44 @@ async fn create(
                 ado_pool: ado_pool.to_owned(),
             };
             ctx.metrics.jobs_created.get_or_create(&labels).inc();
-            Ok(true)
+            if pool.spec.registration != Registration::Controller {
+                return Ok(Some(None));
+            }
+            let stored = register_for_job(ctx, ado, pool_id, pool, &created).await;
+            Ok(Some(
+                stored.then(|| format!("{}/{job_name}", agent_pool.namespace)),
+            ))
         }
-        Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(None),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Registers the agent of a `registration: controller` Job and writes its Secret; a failure is logged
+/// and counted (the next poll retries: see [`super::registration`]).
+pub(crate) async fn register_for_job(
+    ctx: &Context,
+    ado: &AdoClient,
+    pool_id: i32,
+    pool: &AgentPool,
+    job: &Job,
+) -> bool {
+    match super::registration::register(&ctx.client, &ctx.cluster_id, ado, pool_id, pool, job).await
+    {
+        Ok(()) => true,
+        Err(e) => {
+            let job_name = job.metadata.name.as_deref().unwrap_or_default();
+            tracing::warn!(job = %job_name, error = %e, "registering the agent of a Job failed; retried next poll");
+            ctx.metrics
+                .reconcile_errors
+                .get_or_create(&ErrorLabels {
+                    namespace: pool.metadata.namespace.clone().unwrap_or_default(),
+                    agentpool: pool.metadata.name.clone().unwrap_or_default(),
+                    error: e.metric_label(),
+                })
+                .inc();
+            false
+        }
     }
 }
 

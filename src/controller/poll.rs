@@ -8,12 +8,14 @@ use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 
-use super::{Context, GroupKey, apply, finalizer, group_key, placeholder, snapshot, status};
+use super::{
+    Context, GroupKey, apply, finalizer, group_key, placeholder, registration, snapshot, status,
+};
 use crate::ado::models::{ResourceUsage, TaskAgent};
 use crate::ado::{
     AdoClient, AdoError, AdoObserver, AgentQuery, TokenSource, WorkloadIdentityConfig,
 };
-use crate::k8s::crd::AgentPool;
+use crate::k8s::crd::{AgentPool, Registration};
 use crate::k8s::job::{self, LABEL_AGENTPOOL};
 use crate::metrics::{ErrorLabels, OrgLabels};
 use crate::plan;
@@ -77,6 +79,9 @@ struct GroupState {
     timed: HashSet<plan::RequestId>,
     /// Our left-behind agents, with when each was first seen so (see [`plan::cleanup`]).
     orphan_since: BTreeMap<plan::AgentId, Timestamp>,
+    /// `registration: controller` agent Jobs (`namespace/name`) whose agent is registered and whose
+    /// Secret exists (written or seen by this process); the others are checked once and repaired.
+    files_stored: HashSet<String>,
 }
 
 /// Polls one group until no AgentPool belongs to it any more.
@@ -298,7 +303,9 @@ async fn poll_once(
         // Leadership ended while reading: write nothing (the new leader plans afresh).
         return Ok(1.0);
     }
-    apply::apply(ctx, &ado, pool_id, &plan, &by_ref).await;
+    let stored = apply::apply(ctx, &ado, pool_id, &plan, &by_ref).await;
+    state.files_stored.extend(stored);
+    ensure_agent_files(ctx, &ado, pool_id, &valid, state).await;
     let gone = apply::remove_orphans(ctx, &ado, pool_id, &plan, &cleanup.remove, &by_ref).await;
     state.agents.retain(|a| !gone.contains(&a.id));
     for pool in draining {
@@ -388,6 +395,67 @@ async fn ensure_placeholder(
     Ok(())
 }
 
+/// Every unfinished `registration: controller` agent Job must have its agent registered and its Secret:
+/// a Job whose registration failed, or whose controller stopped between creating it and writing the
+/// Secret, is repaired here (its pod waits for the Secret meanwhile). A Job this process has not seen
+/// with its Secret costs one `get`; the Jobs it knows cost nothing.
+async fn ensure_agent_files(
+    ctx: &Context,
+    ado: &AdoClient,
+    pool_id: i32,
+    members: &[Arc<AgentPool>],
+    state: &mut GroupState,
+) {
+    let controller_pools: HashMap<(String, String), &Arc<AgentPool>> = members
+        .iter()
+        .filter(|p| p.spec.registration == Registration::Controller)
+        .filter_map(|p| Some(((p.metadata.namespace.clone()?, p.metadata.name.clone()?), p)))
+        .collect();
+    let mut alive = HashSet::new();
+    for job in ctx.jobs.state() {
+        let meta = &job.metadata;
+        let (Some(ns), Some(name)) = (&meta.namespace, &meta.name) else {
+            continue;
+        };
+        let wants_files = meta
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(job::ANNOTATION_AGENT_SECRET));
+        let pool = meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_AGENTPOOL))
+            .and_then(|p| controller_pools.get(&(ns.clone(), p.clone())));
+        let (true, Some(pool)) = (wants_files, pool) else {
+            continue;
+        };
+        if snapshot::job_finished(&job) {
+            continue;
+        }
+        let key = format!("{ns}/{name}");
+        alive.insert(key.clone());
+        if state.files_stored.contains(&key) {
+            continue;
+        }
+        match registration::secret_exists(&ctx.client, ns, name).await {
+            Ok(true) => {
+                state.files_stored.insert(key);
+            }
+            Ok(false) => {
+                tracing::info!(job = %key, "agent Job without its agent files: registering its agent");
+                if apply::register_for_job(ctx, ado, pool_id, pool, &job).await {
+                    state.files_stored.insert(key);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(job = %key, error = %e, "cannot check the agent Job's Secret; retried next poll")
+            }
+        }
+    }
+    // Forget Jobs that finished or are gone: the set stays as small as the running agents.
+    state.files_stored.retain(|k| alive.contains(k));
+}
+
 /// Which agents cleanup may act on: those whose owner capability names this cluster and one of the
 /// group's (valid) AgentPools; their placeholders are protected by name as well as by mark.
 fn owner_scope(ctx: &Context, members: &[Arc<AgentPool>]) -> plan::OwnerScope {
@@ -409,6 +477,9 @@ fn owner_scope(ctx: &Context, members: &[Arc<AgentPool>]) -> plan::OwnerScope {
             &pool_ref.namespace,
             &pool_ref.name,
         ));
+        if pool.spec.registration == Registration::Controller {
+            scope.controller_registered.insert(pool_ref.clone());
+        }
         if pool.spec.paused {
             scope.paused.insert(pool_ref);
         }
