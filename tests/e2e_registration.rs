@@ -17,7 +17,7 @@ use azp_testbed::standin;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, PropagationPolicy};
+use kube::api::{DeleteParams, ListParams, PostParams, PropagationPolicy};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 /// Far longer than any wait here: the left-behind cleanup never acts within a test.
@@ -306,5 +306,95 @@ async fn an_agent_whose_pod_is_killed_mid_job_is_removed_from_the_pool() {
         left.keys().all(|n| n.starts_with("azp-placeholder-")),
         "{left:?}"
     );
+    bed.teardown().await;
+}
+
+/// The controller stopped after creating an agent Job and before registering its agent (no Secret):
+/// the pod waits for its Secret, and the restarted controller registers the agent and writes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_left_without_its_secret_by_a_stopped_controller_is_repaired_after_restart() {
+    let mut bed = Bed::start(bed_options("e2e-registration-repair"))
+        .await
+        .expect("bed");
+    bed.apply_agentpool(controller_registered(&bed, "nocred", "linux"))
+        .await
+        .expect("apply");
+    bed.wait_ready("nocred").await;
+    bed.kill_controller().await;
+
+    let id = bed
+        .sim
+        .queue(
+            ORG,
+            "linux",
+            RequestSpec::new().duration(Duration::from_millis(500)),
+        )
+        .expect("queue");
+    // Exactly the Job the controller makes for this request, created while it is down.
+    let pools: Api<kube::core::DynamicObject> = Api::namespaced_with(
+        bed.client.clone(),
+        &bed.namespace,
+        &azp_testbed::bed::agentpool_resource(),
+    );
+    let stored = pools.get("nocred").await.expect("AgentPool");
+    let pool: azp_autoscaler::k8s::crd::AgentPool =
+        serde_json::from_value(serde_json::to_value(&stored).expect("json")).expect("AgentPool");
+    let job_name =
+        azp_autoscaler::plan::names::request_job_name("nocred", i64::try_from(id).unwrap(), 1);
+    let cluster_id = format!("bed-{}", bed.namespace);
+    let agent =
+        azp_autoscaler::controller::snapshot::agent_name(&job_name, &cluster_id, &bed.namespace);
+    let job = azp_autoscaler::k8s::job::build(
+        &pool,
+        &azp_autoscaler::k8s::job::AgentJob {
+            job_name: &job_name,
+            agent_name: &agent,
+            request_id: Some(i64::try_from(id).unwrap()),
+            attempt: 1,
+            cluster_id: &cluster_id,
+        },
+    )
+    .expect("build the Job");
+    let jobs: Api<Job> = Api::namespaced(bed.client.clone(), &bed.namespace);
+    let job = jobs
+        .create(&PostParams::default(), &job)
+        .await
+        .expect("create the Job");
+    let secrets: Api<Secret> = Api::namespaced(bed.client.clone(), &bed.namespace);
+    let secret_name = format!("{job_name}-agent");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        secrets.get_opt(&secret_name).await.expect("get").is_none(),
+        "no Secret while the controller is down"
+    );
+    assert!(!agent_names(&bed, "linux").contains(&agent));
+
+    bed.start_controller().expect("restart the controller");
+    let done = bed
+        .sim
+        .wait_request(ORG, id, DEADLINE, |r| r.result.is_some())
+        .await
+        .unwrap_or_else(|e| fail(&bed, e));
+    assert_eq!(done.result.as_deref(), Some("succeeded"), "{done:?}");
+    assert_eq!(
+        done.agent_name.as_deref(),
+        Some(agent.as_str()),
+        "served by the repaired Job"
+    );
+    let secret = secrets
+        .get(&secret_name)
+        .await
+        .unwrap_or_else(|e| fail(&bed, format!("Secret {secret_name}: {e}")));
+    let owner = &secret.metadata.owner_references.clone().unwrap_or_default()[0];
+    assert_eq!(Some(&owner.uid), job.metadata.uid.as_ref());
+    let jobs_now = bed.jobs().await.expect("jobs");
+    assert_eq!(jobs_now.len(), 1, "no second Job for the request");
+    eventually(
+        "the agent removed after its Job ended",
+        DEADLINE,
+        || async { (!agent_names(&bed, "linux").contains(&agent)).then_some(()) },
+    )
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
     bed.teardown().await;
 }
