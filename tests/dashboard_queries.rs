@@ -642,11 +642,7 @@ async fn real_prometheus_scrapes_the_controller_and_every_panel_has_data() {
     let first: Vec<u64> = (0..3)
         .map(|_| {
             bed.sim
-                .queue(
-                    ORG,
-                    "linux",
-                    RequestSpec::new().duration(SEEN_RUNNING),
-                )
+                .queue(ORG, "linux", RequestSpec::new().duration(SEEN_RUNNING))
                 .expect("queue")
         })
         .collect();
@@ -747,11 +743,7 @@ async fn real_prometheus_scrapes_the_controller_and_every_panel_has_data() {
     let second: Vec<u64> = (0..2)
         .map(|_| {
             bed.sim
-                .queue(
-                    ORG,
-                    "linux",
-                    RequestSpec::new().duration(SEEN_RUNNING),
-                )
+                .queue(ORG, "linux", RequestSpec::new().duration(SEEN_RUNNING))
                 .expect("queue")
         })
         .collect();

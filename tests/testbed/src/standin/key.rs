@@ -261,7 +261,12 @@ mod tests {
         assert_eq!(params.exponent, vec![1, 0, 1]);
 
         let json = serde_json::to_value(&params).expect("serialize");
-        let names: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+        let names: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
         assert_eq!(names.len(), 9, "exactly the agent's fields: {names:?}");
         for field in [
             "ContainerName",
