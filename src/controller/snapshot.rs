@@ -241,13 +241,16 @@ pub fn agent_job(job: &Job, pods: &[&Pod], seen: &AgentsSeen<'_>) -> Option<plan
         .annotations
         .as_ref()
         .is_some_and(|a| a.contains_key(crate::k8s::job::ANNOTATION_AGENT_SECRET));
+    let agent_up = if controller_registered {
+        &seen.started
+    } else {
+        &seen.registered
+    };
     let pod_terminated = !own_pods.is_empty() && own_pods.iter().all(|p| pod_terminated(p));
     let phase =
         if job_finished(job) || pod_terminated || seen.completed.contains(agent_name.as_str()) {
             plan::JobPhase::Finished
-        } else if controller_registered && seen.started.contains(agent_name.as_str()) {
-            plan::JobPhase::Running
-        } else if !controller_registered && seen.registered.contains(agent_name.as_str()) {
+        } else if agent_up.contains(agent_name.as_str()) {
             plan::JobPhase::Running
         } else {
             plan::JobPhase::Starting
