@@ -16,6 +16,7 @@ use azp_testbed::sim::RequestSpec;
 use azp_testbed::standin;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams, PropagationPolicy};
 
@@ -24,7 +25,26 @@ const DEADLINE: Duration = Duration::from_secs(120);
 const ORPHAN_GRACE: &str = "3600";
 
 fn fail(bed: &Bed, what: impl std::fmt::Display) -> ! {
-    panic!("{what}\ncontroller logs:\n{}", bed.controller_logs())
+    // A CRD replaced by another checkout's test run (the cluster is shared) explains many failures here.
+    let crd = tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(async {
+            let crds: Api<CustomResourceDefinition> = Api::all(bed.client.clone());
+            match crds.get("agentpools.azp-autoscaler.dev").await {
+                Ok(c) => {
+                    let text = serde_json::to_string(&c.spec).unwrap_or_default();
+                    if text.contains("\"registration\"") {
+                        "the installed CRD has spec.registration".to_owned()
+                    } else {
+                        "THE INSTALLED CRD HAS NO spec.registration: another checkout's test run replaced it \
+                         (the cluster is shared) and the API server pruned the field; rerun when it is done"
+                            .to_owned()
+                    }
+                }
+                Err(e) => format!("cannot read the CRD: {e}"),
+            }
+        })
+    });
+    panic!("{what}\n{crd}\ncontroller logs:\n{}", bed.controller_logs())
 }
 
 fn bed_options(name: &str) -> BedOptions {
@@ -38,6 +58,23 @@ fn controller_registered(bed: &Bed, name: &str, ado_pool: &str) -> serde_json::V
     let mut manifest = bed.agentpool(name, ado_pool, 3);
     manifest["spec"]["registration"] = "controller".into();
     manifest
+}
+
+/// The local control plane is shared: a bed started from a checkout without `spec.registration`
+/// re-installs its own CRD, and the API server then prunes the field from every AgentPool. Say so plainly
+/// instead of failing later on a pod that registered itself.
+async fn assert_registration_kept(bed: &Bed, name: &str) {
+    let pools: Api<kube::core::DynamicObject> = Api::namespaced_with(
+        bed.client.clone(),
+        &bed.namespace,
+        &azp_testbed::bed::agentpool_resource(),
+    );
+    let stored = pools.get(name).await.expect("AgentPool");
+    assert_eq!(
+        stored.data["spec"]["registration"], "controller",
+        "AgentPool {name} lost spec.registration: the shared cluster's CRD was replaced by one without the \
+         field (a test run from an older checkout re-installed it); rerun when no such run is active"
+    );
 }
 
 fn agent_names(bed: &Bed, pool: &str) -> Vec<String> {
@@ -121,6 +158,7 @@ async fn a_pod_without_any_identity_serves_a_request_and_its_agent_and_secret_go
         .expect("apply");
     bed.wait_ready("nocred").await;
     bed.wait_ready("default").await;
+    assert_registration_kept(&bed, "nocred").await;
 
     // Control: a pod of the default mode carries token files a job step can read.
     let (_, control) = probe_on(&bed, "control").await;
@@ -200,6 +238,7 @@ async fn a_pod_without_any_identity_serves_a_request_and_its_agent_and_secret_go
         ("Job", job.metadata.uid.as_ref())
     );
 
+    assert_registration_kept(&bed, "nocred").await;
     // The Job ended: the controller removed the agent (the orphan grace is an hour).
     eventually(
         "the agent removed after its Job ended",
@@ -251,6 +290,7 @@ async fn an_agent_whose_pod_is_killed_mid_job_is_removed_from_the_pool() {
         serde_json::json!([{"name": "STANDIN_RENEW_INTERVAL_MS", "value": "1000"}]);
     bed.apply_agentpool(manifest).await.expect("apply");
     bed.wait_ready("nocred").await;
+    assert_registration_kept(&bed, "nocred").await;
 
     let id = bed
         .sim
@@ -320,6 +360,7 @@ async fn a_job_left_without_its_secret_by_a_stopped_controller_is_repaired_after
         .await
         .expect("apply");
     bed.wait_ready("nocred").await;
+    assert_registration_kept(&bed, "nocred").await;
     bed.kill_controller().await;
 
     let id = bed

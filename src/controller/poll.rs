@@ -304,8 +304,7 @@ async fn poll_once(
         return Ok(1.0);
     }
     let stored = apply::apply(ctx, &ado, pool_id, &plan, &by_ref).await;
-    state.files_stored.extend(stored);
-    ensure_agent_files(ctx, &ado, pool_id, &valid, state).await;
+    ensure_agent_files(ctx, &ado, pool_id, &valid, stored, state).await;
     let gone = apply::remove_orphans(ctx, &ado, pool_id, &plan, &cleanup.remove, &by_ref).await;
     state.agents.retain(|a| !gone.contains(&a.id));
     for pool in draining {
@@ -398,12 +397,13 @@ async fn ensure_placeholder(
 /// Every unfinished `registration: controller` agent Job must have its agent registered and its Secret:
 /// a Job whose registration failed, or whose controller stopped between creating it and writing the
 /// Secret, is repaired here (its pod waits for the Secret meanwhile). A Job this process has not seen
-/// with its Secret costs one `get`; the Jobs it knows cost nothing.
+/// with its Secret costs one `get`; the Jobs it knows (`fresh`: written by this poll) cost nothing.
 async fn ensure_agent_files(
     ctx: &Context,
     ado: &AdoClient,
     pool_id: i32,
     members: &[Arc<AgentPool>],
+    fresh: Vec<String>,
     state: &mut GroupState,
 ) {
     let controller_pools: HashMap<(String, String), &Arc<AgentPool>> = members
@@ -411,32 +411,24 @@ async fn ensure_agent_files(
         .filter(|p| p.spec.registration == Registration::Controller)
         .filter_map(|p| Some(((p.metadata.namespace.clone()?, p.metadata.name.clone()?), p)))
         .collect();
-    let mut alive = HashSet::new();
+    let pool_keys: HashSet<(String, String)> = controller_pools.keys().cloned().collect();
+    state.files_stored.extend(fresh.iter().cloned());
+    let mut alive: HashSet<String> = fresh.into_iter().collect();
     for job in ctx.jobs.state() {
-        let meta = &job.metadata;
-        let (Some(ns), Some(name)) = (&meta.namespace, &meta.name) else {
+        let Some((key, pool_key)) = registration::wants_agent_files(&job, &pool_keys) else {
             continue;
         };
-        let wants_files = meta
-            .annotations
-            .as_ref()
-            .is_some_and(|a| a.contains_key(job::ANNOTATION_AGENT_SECRET));
-        let pool = meta
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_AGENTPOOL))
-            .and_then(|p| controller_pools.get(&(ns.clone(), p.clone())));
-        let (true, Some(pool)) = (wants_files, pool) else {
+        let Some(pool) = controller_pools.get(&pool_key) else {
             continue;
         };
-        if snapshot::job_finished(&job) {
-            continue;
-        }
-        let key = format!("{ns}/{name}");
         alive.insert(key.clone());
         if state.files_stored.contains(&key) {
             continue;
         }
+        let (ns, name) = (
+            &pool_key.0,
+            job.metadata.name.as_deref().unwrap_or_default(),
+        );
         match registration::secret_exists(&ctx.client, ns, name).await {
             Ok(true) => {
                 state.files_stored.insert(key);

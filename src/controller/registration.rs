@@ -9,7 +9,7 @@
 //! its ownerReference. A step that fails is retried from the next poll ([`ensure`]): a name already
 //! registered is taken over with the new key (`PUT`), as `config.sh --replace` does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
@@ -76,6 +76,26 @@ pub fn agent_capabilities(
         owner_tag(cluster_id, namespace, agentpool),
     );
     caps
+}
+
+/// Whether `job` is an unfinished `registration: controller` agent Job of one of `pools` (namespace,
+/// AgentPool name): then its agent must be registered and its Secret written. Returns its key
+/// (`namespace/name`) and its AgentPool's.
+pub fn wants_agent_files(
+    job: &Job,
+    pools: &HashSet<(String, String)>,
+) -> Option<(String, (String, String))> {
+    let meta = &job.metadata;
+    let (namespace, name) = (meta.namespace.as_ref()?, meta.name.as_ref()?);
+    meta.annotations
+        .as_ref()?
+        .get(job::ANNOTATION_AGENT_SECRET)?;
+    let agentpool = meta.labels.as_ref()?.get(job::LABEL_AGENTPOOL)?;
+    let pool = (namespace.clone(), agentpool.clone());
+    if !pools.contains(&pool) || super::snapshot::job_finished(job) {
+        return None;
+    }
+    Some((format!("{namespace}/{name}"), pool))
 }
 
 /// Registers the agent of `job` and stores its files in the Job's Secret.
@@ -191,6 +211,78 @@ pub(crate) async fn secret_exists(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    #[test]
+    fn which_jobs_need_their_agent_registered() {
+        let job = |pool: &str, files: bool, finished: Option<&str>, deleting: bool| Job {
+            metadata: ObjectMeta {
+                name: Some("linux-r1-a1".into()),
+                namespace: Some("ci".into()),
+                labels: Some(BTreeMap::from([(
+                    job::LABEL_AGENTPOOL.to_owned(),
+                    pool.to_owned(),
+                )])),
+                annotations: Some(if files {
+                    BTreeMap::from([(
+                        job::ANNOTATION_AGENT_SECRET.to_owned(),
+                        "linux-r1-a1-agent".to_owned(),
+                    )])
+                } else {
+                    BTreeMap::new()
+                }),
+                deletion_timestamp: deleting.then_some(
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        jiff::Timestamp::UNIX_EPOCH,
+                    ),
+                ),
+                ..ObjectMeta::default()
+            },
+            status: finished.map(|kind| JobStatus {
+                conditions: Some(vec![JobCondition {
+                    type_: kind.into(),
+                    status: "True".into(),
+                    ..JobCondition::default()
+                }]),
+                ..JobStatus::default()
+            }),
+            ..Job::default()
+        };
+        let pools = HashSet::from([("ci".to_owned(), "linux".to_owned())]);
+        let cases = [
+            (
+                "unfinished, controller-registered",
+                job("linux", true, None, false),
+                true,
+            ),
+            (
+                "registered by its pod (no agent files)",
+                job("linux", false, None, false),
+                false,
+            ),
+            (
+                "another AgentPool's",
+                job("windows", true, None, false),
+                false,
+            ),
+            (
+                "finished",
+                job("linux", true, Some("Complete"), false),
+                false,
+            ),
+            ("failed", job("linux", true, Some("Failed"), false), false),
+            ("being deleted", job("linux", true, None, true), false),
+        ];
+        for (what, j, want) in cases {
+            let got = wants_agent_files(&j, &pools);
+            assert_eq!(got.is_some(), want, "{what}");
+            if let Some((key, pool)) = got {
+                assert_eq!(key, "ci/linux-r1-a1");
+                assert_eq!(pool, ("ci".to_owned(), "linux".to_owned()));
+            }
+        }
+    }
 
     #[test]
     fn registered_capabilities_carry_the_owner_mark_and_the_agent_version() {
