@@ -88,46 +88,12 @@ async fn zero_agents_while_idle_then_one_run_once_agent_per_request() {
     bed.teardown().await;
 }
 
-/// Fails if a request has two unfinished agent Jobs waiting for it. A Job whose agent took another request
-/// (ADO decides which agent gets which request) no longer waits for the one it was made for: the planner
-/// may then make attempt 2, which is not a duplicate.
+/// Fails if a request has two unfinished agent Jobs waiting for it.
 async fn no_request_with_two_unfinished_jobs(bed: &Bed) -> Result<(), String> {
     let jobs = bed.jobs().await.map_err(|e| e.to_string())?;
-    let serving: BTreeMap<String, u64> = bed
-        .sim
-        .requests(ORG, "linux")
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .filter_map(|r| Some((r.agent_name?, r.request_id)))
-        .collect();
-    let mut waiting_for: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for j in &jobs {
-        let done = j
-            .status
-            .as_ref()
-            .is_some_and(|s| s.succeeded.unwrap_or(0) + s.failed.unwrap_or(0) > 0);
-        if done || j.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let annotations = j.metadata.annotations.clone().unwrap_or_default();
-        let (Some(r), Some(agent)) = (
-            annotations.get("azp-autoscaler.dev/request-id"),
-            annotations.get("azp-autoscaler.dev/agent-name"),
-        ) else {
-            continue;
-        };
-        if serving
-            .get(agent)
-            .is_some_and(|other| other.to_string() != *r)
-        {
-            continue;
-        }
-        waiting_for
-            .entry(r.clone())
-            .or_default()
-            .push(j.metadata.name.clone().unwrap_or_default());
-    }
-    match waiting_for.iter().find(|(_, v)| v.len() > 1) {
+    let requests = bed.sim.requests(ORG, "linux").map_err(|e| e.to_string())?;
+    let twice = azp_testbed::invariants::requests_with_two_unfinished_jobs(&jobs, &requests);
+    match twice.iter().next() {
         Some((r, v)) => Err(format!(
             "request {r} has two unfinished agent Jobs waiting for it: {v:?}"
         )),

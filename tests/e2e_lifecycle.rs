@@ -29,48 +29,16 @@ fn agent_names(bed: &Bed) -> Vec<String> {
         .collect()
 }
 
-/// Registers an agent through ADO's REST API as another identity (another cluster's controller, or a
-/// hand-made agent), offline, with the given capabilities.
+/// Registers an offline agent as another identity (another cluster's controller, or a hand-made agent).
 async fn register_agent(bed: &Bed, name: &str, capabilities: serde_json::Value) {
-    let token = bed
-        .sim
-        .mint_access_token(FOREIGN_CLIENT_ID, FOREIGN_OBJECT_ID, DEADLINE * 10);
-    let pool_id = bed.sim.pool_id(ORG, "linux").expect("pool id");
-    let body = serde_json::json!({
-        "name": name,
-        "version": azp_testbed::standin::AGENT_VERSION,
-        "maxParallelism": 1,
-        "enabled": true,
-        "systemCapabilities": capabilities,
-        // A throwaway 2040-bit "key": the agent never connects.
-        "authorization": {"publicKey": {"exponent": "AQAB", "modulus": "////".repeat(85)}},
-    });
-    let response = bed
-        .sim
-        .http_client()
-        .post(format!(
-            "{}/_apis/distributedtask/pools/{pool_id}/agents?api-version=7.1",
-            bed.org_url()
-        ))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
+    let foreign = IdentitySpec::new(FOREIGN_CLIENT_ID).object_id(FOREIGN_OBJECT_ID);
+    bed.register_agent_as(&foreign, "linux", name, capabilities)
         .await
-        .expect("register agent");
-    let status = response.status();
-    assert!(
-        status.is_success(),
-        "registering {name}: {status} {}",
-        response.text().await.unwrap_or_default()
-    );
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 async fn metric(bed: &Bed, needle: &str) -> Option<f64> {
-    let text = bed.metrics_text().await?;
-    text.lines()
-        .filter(|l| l.starts_with(needle))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .reduce(|a, b| a + b)
+    azp_testbed::bed::scrape_metric(&bed.admin_addr, needle).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -399,68 +367,8 @@ async fn the_placeholder_follows_the_agentpools_capabilities_and_agent_version()
     bed.teardown().await;
 }
 
-/// Lets the bed's controller ServiceAccount hold the leader Lease in the bed's namespace (the chart
-/// grants this in the controller's own namespace only).
-async fn grant_lease(bed: &Bed) {
-    use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
-    use kube::api::{ObjectMeta, PostParams};
-    let name = "azp-autoscaler-leader";
-    Api::<Role>::namespaced(bed.client.clone(), &bed.namespace)
-        .create(
-            &PostParams::default(),
-            &Role {
-                metadata: ObjectMeta {
-                    name: Some(name.into()),
-                    ..ObjectMeta::default()
-                },
-                rules: Some(vec![PolicyRule {
-                    api_groups: Some(vec!["coordination.k8s.io".into()]),
-                    resources: Some(vec!["leases".into()]),
-                    verbs: vec!["get".into(), "create".into(), "update".into()],
-                    ..PolicyRule::default()
-                }]),
-            },
-        )
-        .await
-        .expect("role");
-    Api::<RoleBinding>::namespaced(bed.client.clone(), &bed.namespace)
-        .create(
-            &PostParams::default(),
-            &RoleBinding {
-                metadata: ObjectMeta {
-                    name: Some(name.into()),
-                    ..ObjectMeta::default()
-                },
-                role_ref: RoleRef {
-                    api_group: "rbac.authorization.k8s.io".into(),
-                    kind: "Role".into(),
-                    name: name.into(),
-                },
-                subjects: Some(vec![Subject {
-                    kind: "ServiceAccount".into(),
-                    name: azp_testbed::bed::CONTROLLER_SA.into(),
-                    namespace: Some(bed.namespace.clone()),
-                    ..Subject::default()
-                }]),
-            },
-        )
-        .await
-        .expect("role binding");
-}
-
 async fn leader_metric(addr: &str) -> Option<f64> {
-    let text = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find(|l| l.starts_with("azp_autoscaler_leader "))?
-        .rsplit(' ')
-        .next()?
-        .parse()
-        .ok()
+    azp_testbed::bed::scrape_metric(addr, "azp_autoscaler_leader ").await
 }
 
 fn served_requests(bed: &Bed, n: usize) -> Vec<u64> {
@@ -501,35 +409,11 @@ async fn two_replicas_one_leader_writes_and_the_other_takes_over_when_it_dies() 
     opts.start_controller = false;
     opts.controller_args = election.to_vec();
     let mut bed = Bed::start(opts).await.expect("bed");
-    grant_lease(&bed).await;
+    bed.grant_lease().await.expect("lease RBAC");
     bed.start_controller().expect("controller 1");
     // The second replica: same binary, identity and settings, its own admin port.
-    let second_addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-        l.local_addr().expect("addr").to_string()
-    };
-    let log = std::fs::File::create(bed.dir.join("controller-replica-2.log")).expect("log");
-    let mut second =
-        tokio::process::Command::new(azp_testbed::bed::bin_dir().join("azp-autoscaler"))
-            .args([
-                "controller",
-                "--namespace",
-                &bed.namespace,
-                "--cluster-id",
-                &format!("bed-{}", bed.namespace),
-                "--admin-addr",
-                &second_addr,
-                "--agents-every-seconds",
-                "3",
-            ])
-            .args(election)
-            .env_clear()
-            .envs(bed.controller_env())
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("controller 2");
+    let mut second = bed.spawn_replica("replica-2").expect("controller 2");
+    let second_addr = second.admin_addr.clone();
     let first_addr = bed.admin_addr.clone();
 
     // Exactly one leader.
@@ -571,7 +455,7 @@ async fn two_replicas_one_leader_writes_and_the_other_takes_over_when_it_dies() 
         bed.kill_controller().await;
         second_addr.clone()
     } else {
-        let _ = second.kill().await;
+        second.kill().await;
         first_addr.clone()
     };
     eventually("the follower leads", DEADLINE, || async {
@@ -586,7 +470,7 @@ async fn two_replicas_one_leader_writes_and_the_other_takes_over_when_it_dies() 
         5,
         "the new leader served the new requests, once each"
     );
-    let _ = second.kill().await;
+    second.kill().await;
     bed.teardown().await;
 }
 
@@ -698,5 +582,233 @@ async fn deleting_an_agentpool_removes_its_idle_standby_agent_safely() {
             .any(|l| l.contains("kind=\"idle_agent_removed\"") && !l.ends_with(" 0")),
         "the standby went the safe way (disable, re-check, delete): {metrics}"
     );
+    bed.teardown().await;
+}
+
+/// A client of the bed's cluster that makes each call once (kube's default retries 429s).
+async fn client_without_retries() -> kube::Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(azp_testbed::node::kubeconfig_path())
+        .expect("kubeconfig");
+    let mut config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .expect("client config");
+    config.default_retry = false;
+    kube::Client::try_from(config).expect("client")
+}
+
+/// The pod of the agent Job running `agent`.
+async fn pod_of_agent(bed: &Bed, agent: &str) -> Option<Pod> {
+    let jobs = bed.jobs().await.ok()?;
+    let job = jobs.iter().find(|j| {
+        j.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("azp-autoscaler.dev/agent-name"))
+            .is_some_and(|n| n == agent)
+    })?;
+    let job_name = job.metadata.name.clone()?;
+    Api::<Pod>::namespaced(bed.client.clone(), &bed.namespace)
+        .list(&ListParams::default().labels(&format!("job-name={job_name}")))
+        .await
+        .ok()?
+        .items
+        .into_iter()
+        .next()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_agent_pod_cannot_be_evicted_an_idle_one_can_and_a_lost_job_is_counted() {
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    let started = std::time::Instant::now();
+    let step = |what: &str| eprintln!("[{:>5.1}s] {what}", started.elapsed().as_secs_f64());
+    let mut bed = Bed::start(BedOptions::new("e2e-evict")).await.expect("bed");
+    let mut manifest = bed.agentpool("linux", "linux", 3);
+    manifest["spec"]["minIdle"] = serde_json::json!(1);
+    bed.apply_agentpool(manifest).await.expect("apply");
+    bed.wait_ready("linux").await;
+
+    // A long job runs on one agent; the standby agent waits idle.
+    let id = bed
+        .sim
+        .queue(
+            ORG,
+            "linux",
+            RequestSpec::new().duration(Duration::from_secs(600)),
+        )
+        .expect("queue");
+    let running = bed
+        .sim
+        .wait_request(ORG, id, DEADLINE, |r| r.receive_time.is_some())
+        .await
+        .expect("request");
+    let agent = running
+        .agent_name
+        .clone()
+        .unwrap_or_else(|| fail(&bed, format!("request {id} never ran: {running:?}")));
+
+    step("a job runs");
+    // The busy pod is marked, and its AgentPool's budget selects it and allows no disruption.
+    let busy = eventually("the busy pod marked", DEADLINE, || async {
+        let pod = pod_of_agent(&bed, &agent).await?;
+        (pod.metadata
+            .labels
+            .as_ref()?
+            .get("azp-autoscaler.dev/busy")?
+            == "true")
+            .then_some(pod)
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    let busy_name = busy.metadata.name.clone().unwrap_or_default();
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(bed.client.clone(), &bed.namespace);
+    let budget = eventually("the budget observed", DEADLINE, || async {
+        let b = budgets.get("linux-busy-agents").await.ok()?;
+        let status = b.status.as_ref()?;
+        (status.observed_generation == b.metadata.generation && status.expected_pods == 1)
+            .then_some(b)
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    let spec = budget.spec.clone().unwrap_or_default();
+    assert_eq!(
+        spec.min_available,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(3)),
+        "minAvailable = maxAgents: {spec:?}"
+    );
+    assert_eq!(
+        budget.status.as_ref().map(|s| s.disruptions_allowed),
+        Some(0)
+    );
+
+    // A new template (KEDA's default rollout would delete running Jobs): the busy Job keeps running.
+    let busy_job_uid = bed
+        .jobs()
+        .await
+        .expect("jobs")
+        .iter()
+        .find(|j| {
+            j.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("azp-autoscaler.dev/agent-name"))
+                == Some(&agent)
+        })
+        .and_then(|j| j.metadata.uid.clone())
+        .expect("the busy agent's Job");
+    let mut changed = bed.agentpool("linux", "linux", 3);
+    changed["spec"]["minIdle"] = serde_json::json!(1);
+    changed["spec"]["template"]["spec"]["containers"][0]["env"] =
+        serde_json::json!([{"name": "TEMPLATE_REVISION", "value": "2"}]);
+    bed.apply_agentpool(changed)
+        .await
+        .expect("apply the new template");
+    eventually("the new generation observed", DEADLINE, || async {
+        let status = bed.agentpool_status("linux").await?;
+        (status["observedGeneration"].as_i64()? >= 2).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    let after = pod_of_agent(&bed, &agent).await;
+    assert!(
+        after
+            .as_ref()
+            .is_some_and(|p| p.metadata.deletion_timestamp.is_none()),
+        "the busy pod survives a template change: {after:?}"
+    );
+    let jobs = bed.jobs().await.expect("jobs");
+    assert!(
+        jobs.iter()
+            .any(|j| j.metadata.uid.as_deref() == Some(busy_job_uid.as_str())
+                && j.metadata.deletion_timestamp.is_none()),
+        "the busy Job is neither replaced nor deleted"
+    );
+    step("budget observed");
+    // One eviction call, as `kubectl drain` makes it (the default client would retry the 429 for
+    // minutes).
+    let once: Api<Pod> = Api::namespaced(client_without_retries().await, &bed.namespace);
+    let refused = once
+        .evict(&busy_name, &kube::api::EvictParams::default())
+        .await
+        .expect_err("evicting the busy agent pod must be refused");
+    assert!(
+        format!("{refused:?}").contains("disruption budget"),
+        "refused by the budget: {refused:?}"
+    );
+    let node = bed.node.as_ref().expect("node");
+
+    step("busy pod eviction refused");
+    // The standby agent (registered, idle) is not selected: evictable, and replaced by the controller.
+    let standby = eventually("the standby agent registered", DEADLINE, || async {
+        let jobs = bed.jobs().await.ok()?;
+        // Not the busy one: the first standby may well have taken the request.
+        let registered = agent_names(&bed);
+        let standby_agent = jobs.iter().find_map(|j| {
+            let name = j.metadata.name.as_deref()?;
+            let a = j
+                .metadata
+                .annotations
+                .as_ref()?
+                .get("azp-autoscaler.dev/agent-name")?;
+            (name.starts_with("linux-standby-") && *a != agent && registered.contains(a))
+                .then(|| a.clone())
+        })?;
+        pod_of_agent(&bed, &standby_agent).await
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    let standby_name = standby.metadata.name.clone().unwrap_or_default();
+    assert!(
+        standby
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("azp-autoscaler.dev/busy"))
+            .is_none(),
+        "an idle pod is not marked busy"
+    );
+    node.evict_pod(&bed.namespace, &standby_name)
+        .await
+        .unwrap_or_else(|e| fail(&bed, format!("evicting the idle standby pod: {e}")));
+    assert_eq!(
+        metric(&bed, "azp_autoscaler_jobs_lost_to_eviction_total{").await,
+        None,
+        "an idle pod evicted loses no job"
+    );
+
+    step("idle pod evicted");
+    // The node is lost (a spot VM reclaimed): pod GC deletes its pods with a DisruptionTarget condition.
+    // The busy pod's job is lost and counted once; the idle ones are not counted.
+    bed.node
+        .as_mut()
+        .expect("node")
+        .lose_node(true)
+        .await
+        .expect("lose the node");
+    let lost = eventually("the lost job counted", Duration::from_secs(180), || async {
+        metric(&bed, "azp_autoscaler_jobs_lost_to_eviction_total{").await
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    assert_eq!(lost, 1.0);
+    step("lost job counted");
+    eventually("the busy pod gone", DEADLINE, || async {
+        Api::<Pod>::namespaced(bed.client.clone(), &bed.namespace)
+            .get_opt(&busy_name)
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| fail(&bed, e));
+    assert_eq!(
+        metric(&bed, "azp_autoscaler_jobs_lost_to_eviction_total{").await,
+        Some(1.0),
+        "counted once per pod"
+    );
+    step("done");
     bed.teardown().await;
 }

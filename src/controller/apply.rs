@@ -18,23 +18,24 @@ use crate::metrics::{CleanupLabels, ErrorLabels, PoolLabels};
 use crate::plan::{self, Action};
 
 /// Applies every action of the plan. Errors are counted and logged per action; one failed action never
-/// stops the others. Returns the agent Jobs (`namespace/name`) of `registration: controller` whose agent
-/// this call registered and whose Secret it wrote.
+/// stops the others. Returns the agent Jobs that exist now because of the creations (created, or found
+/// already there): the caller counts them until its watch cache shows them; and the agent Jobs
+/// (`namespace/name`) of `registration: controller` whose agent this call registered and whose Secret it
+/// wrote.
 pub(crate) async fn apply(
     ctx: &Context,
     ado: &AdoClient,
     pool_id: i32,
     plan: &plan::Plan,
     pools: &BTreeMap<plan::PoolRef, Arc<AgentPool>>,
-) -> Vec<String> {
+) -> (Vec<Job>, Vec<String>) {
     let creates: Vec<Action> = plan
         .actions
         .iter()
         .filter(|a| matches!(a, Action::CreateAgent { .. }))
         .cloned()
         .collect();
-    type Created = Result<Option<Option<String>>, String>;
-    let results: Vec<(plan::PoolRef, Created)> = futures::stream::iter(creates)
+    let results: Vec<(plan::PoolRef, Result<Created, String>)> = futures::stream::iter(creates)
         .map(|action: Action| async move {
             let pool_ref = action.agent_pool().clone();
             let result = match pools.get(&pool_ref) {
@@ -48,14 +49,17 @@ pub(crate) async fn apply(
         .await;
 
     let mut created: BTreeMap<plan::PoolRef, u32> = BTreeMap::new();
+    let mut existing = Vec::new();
     let mut files_stored = Vec::new();
     for (pool_ref, result) in results {
         match result {
-            Ok(Some(stored)) => {
+            Ok(Created::New(job, stored)) => {
                 *created.entry(pool_ref).or_default() += 1;
+                existing.push(*job);
                 files_stored.extend(stored);
             }
-            Ok(None) => {}
+            Ok(Created::Existed(job)) => existing.extend(job.map(|j| *j)),
+            Ok(Created::Nothing) => {}
             Err(message) => {
                 tracing::warn!(agentpool = %pool_ref, error = %message, "creating an agent Job failed");
                 ctx.metrics
@@ -141,12 +145,22 @@ pub(crate) async fn apply(
             }
         }
     }
-    files_stored
+    (existing, files_stored)
+}
+
+/// What a creation found.
+enum Created {
+    /// Created now; for `registration: controller`, `Some(namespace/name)` when its agent was registered
+    /// and its Secret written too (a failure there is retried by the next poll).
+    New(Box<Job>, Option<String>),
+    /// The Job existed already (409): read back so it counts even if the cache lacks it; `None` when
+    /// that read failed too.
+    Existed(Option<Box<Job>>),
+    Nothing,
 }
 
 /// Creates one agent Job (and, for `registration: controller`, registers its agent and writes its
-/// Secret: `Some(Some(job))` when that worked too; a failure there is retried by the next poll).
-/// `Ok(None)`: the Job already existed (409: another poll or replica made it).
+/// Secret).
 async fn create(
     ctx: &Context,
     ado: &AdoClient,
@@ -154,7 +168,7 @@ async fn create(
     pool: &AgentPool,
     action: &Action,
     ado_pool: &str,
-) -> Result<Option<Option<String>>, String> {
+) -> Result<Created, String> {
     let Action::CreateAgent {
         agent_pool,
         job_name,
@@ -163,7 +177,7 @@ async fn create(
         reason,
     } = action
     else {
-        return Ok(None);
+        return Ok(Created::Nothing);
     };
     let agent_name = snapshot::agent_name(job_name, &ctx.cluster_id, &agent_pool.namespace);
     let request_id = *for_request;
@@ -188,15 +202,16 @@ async fn create(
                 ado_pool: ado_pool.to_owned(),
             };
             ctx.metrics.jobs_created.get_or_create(&labels).inc();
-            if pool.spec.registration != Registration::Controller {
-                return Ok(Some(None));
-            }
-            let stored = register_for_job(ctx, ado, pool_id, pool, &created).await;
-            Ok(Some(
+            let stored = pool.spec.registration == Registration::Controller
+                && register_for_job(ctx, ado, pool_id, pool, &created).await;
+            Ok(Created::New(
+                Box::new(created),
                 stored.then(|| format!("{}/{job_name}", agent_pool.namespace)),
             ))
         }
-        Err(kube::Error::Api(status)) if status.code == 409 => Ok(None),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(Created::Existed(
+            api.get_opt(job_name).await.ok().flatten().map(Box::new),
+        )),
         Err(e) => Err(e.to_string()),
     }
 }

@@ -19,6 +19,7 @@ mod apply;
 mod finalizer;
 pub mod leader;
 pub mod poll;
+mod protect;
 mod status;
 
 use std::collections::HashMap;
@@ -26,7 +27,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::runtime::events::{Recorder, Reporter};
@@ -287,10 +288,19 @@ pub async fn run(client: Client, config: Config, metrics: Metrics) -> Result<(),
         jobs_writer,
         watcher(job_api, watcher::Config::default().labels(&ours)).default_backoff(),
     )));
-    tokio::spawn(drive(reflector::reflector(
-        pods_writer,
-        watcher(pod_api, watcher::Config::default().labels(&ours)).default_backoff(),
-    )));
+    // Every pod event passes the lost-job accounting: a disrupted pod may be gone by the next poll.
+    let lost = protect::LostJobs::new(metrics.clone(), pools.clone(), leadership.clone());
+    tokio::spawn(drive(
+        reflector::reflector(
+            pods_writer,
+            watcher(pod_api, watcher::Config::default().labels(&ours)).default_backoff(),
+        )
+        .inspect_ok(move |event| match event {
+            watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => lost.observe(pod, false),
+            watcher::Event::Delete(pod) => lost.observe(pod, true),
+            watcher::Event::Init | watcher::Event::InitDone => {}
+        }),
+    ));
     // Plan only once every cache has synced: an empty Job cache would look like "no agents" and
     // create duplicates.
     for synced in [

@@ -9,7 +9,8 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 
 use super::{
-    Context, GroupKey, apply, finalizer, group_key, placeholder, registration, snapshot, status,
+    Context, GroupKey, apply, finalizer, group_key, placeholder, protect, registration, snapshot,
+    status,
 };
 use crate::ado::models::{ResourceUsage, TaskAgent};
 use crate::ado::{
@@ -79,10 +80,17 @@ struct GroupState {
     timed: HashSet<plan::RequestId>,
     /// Our left-behind agents, with when each was first seen so (see [`plan::cleanup`]).
     orphan_since: BTreeMap<plan::AgentId, Timestamp>,
+    /// The busy agents' PodDisruptionBudgets last applied.
+    budgets: protect::Budgets,
+    /// Agent Jobs created that the watch cache may not show yet.
+    expected: snapshot::ExpectedJobs,
     /// `registration: controller` agent Jobs (`namespace/name`) whose agent is registered and whose
     /// Secret exists (written or seen by this process); the others are checked once and repaired.
     files_stored: HashSet<String>,
 }
+
+/// How long a created Job counts without the watch cache showing it.
+const EXPECTED_JOB_TTL: SignedDuration = SignedDuration::from_secs(120);
 
 /// Polls one group until no AgentPool belongs to it any more.
 pub(crate) async fn run_group(ctx: Arc<Context>, key: GroupKey) {
@@ -280,8 +288,8 @@ async fn poll_once(
         .iter()
         .filter_map(|p| snapshot::plan_spec(p))
         .collect();
-    let cluster = cluster_snapshot(ctx, &valid, &state.agents);
     let planned_at = Timestamp::now();
+    let cluster = cluster_snapshot(ctx, &valid, &state.agents, &mut state.expected, planned_at);
     let plan = plan::plan(&ado_snapshot, &cluster, &specs, planned_at);
     let cleanup = plan::cleanup(
         &ado_snapshot,
@@ -303,7 +311,18 @@ async fn poll_once(
         // Leadership ended while reading: write nothing (the new leader plans afresh).
         return Ok(1.0);
     }
-    let stored = apply::apply(ctx, &ado, pool_id, &plan, &by_ref).await;
+    // Busy pods first protected (budget, then mark), so an eviction during the creations finds them so.
+    let agent_pods = agent_pods(ctx, valid.iter().chain(draining));
+    protect::ensure_budgets(ctx, &valid, &agent_pods, &mut state.budgets).await;
+    protect::mark_busy(
+        ctx,
+        &plan::protect::pods_to_protect(&ado_snapshot, &agent_pods),
+    )
+    .await;
+    let (existing, stored) = apply::apply(ctx, &ado, pool_id, &plan, &by_ref).await;
+    for job in existing {
+        state.expected.insert(job, planned_at);
+    }
     ensure_agent_files(ctx, &ado, pool_id, &valid, stored, state).await;
     let gone = apply::remove_orphans(ctx, &ado, pool_id, &plan, &cleanup.remove, &by_ref).await;
     state.agents.retain(|a| !gone.contains(&a.id));
@@ -321,7 +340,13 @@ async fn poll_once(
             ),
             agent_pool: pool_ref.clone(),
         };
-        let cluster = cluster_snapshot(ctx, std::slice::from_ref(pool), &state.agents);
+        let cluster = cluster_snapshot(
+            ctx,
+            std::slice::from_ref(pool),
+            &state.agents,
+            &mut state.expected,
+            planned_at,
+        );
         let step = plan::drain(&ado_snapshot, &cluster, &scope);
         if step.finishes() {
             state.placeholders.remove(&pool_ref);
@@ -479,11 +504,27 @@ fn owner_scope(ctx: &Context, members: &[Arc<AgentPool>]) -> plan::OwnerScope {
     scope
 }
 
+/// The agent pods of these AgentPools, from the cache.
+fn agent_pods<'a>(
+    ctx: &Context,
+    pools: impl Iterator<Item = &'a Arc<AgentPool>>,
+) -> Vec<plan::protect::AgentPod> {
+    let wanted: HashSet<plan::PoolRef> = pools.filter_map(|p| snapshot::pool_ref(p)).collect();
+    ctx.pods
+        .state()
+        .iter()
+        .filter_map(|p| snapshot::agent_pod(p))
+        .filter(|p| wanted.contains(&p.agent_pool))
+        .collect()
+}
+
 /// Our Jobs and Pods of the group's AgentPools, from the caches.
 fn cluster_snapshot(
     ctx: &Context,
     members: &[Arc<AgentPool>],
     agents: &[TaskAgent],
+    expected: &mut snapshot::ExpectedJobs,
+    now: Timestamp,
 ) -> plan::ClusterSnapshot {
     let wanted: HashSet<(String, String)> = members
         .iter()
@@ -496,11 +537,23 @@ fn cluster_snapshot(
             .and_then(|l| l.get(LABEL_AGENTPOOL))
             .is_some_and(|name| wanted.contains(&(ns.clone(), name.clone())))
     };
-    let jobs: Vec<Arc<Job>> = ctx
-        .jobs
-        .state()
+    let cached = ctx.jobs.state();
+    let not_cached_yet: Vec<&Job> = expected
+        .settle(cached.iter().map(|j| j.as_ref()), now, EXPECTED_JOB_TTL)
         .into_iter()
         .filter(|j| belongs(&j.metadata))
+        .collect();
+    if !not_cached_yet.is_empty() {
+        tracing::debug!(
+            jobs = not_cached_yet.len(),
+            "counting created agent Jobs the watch cache does not show yet"
+        );
+    }
+    let jobs: Vec<&Job> = cached
+        .iter()
+        .map(|j| j.as_ref())
+        .filter(|j| belongs(&j.metadata))
+        .chain(not_cached_yet)
         .collect();
     let pods: Vec<Arc<Pod>> = ctx
         .pods
@@ -509,11 +562,7 @@ fn cluster_snapshot(
         .filter(|p| belongs(&p.metadata))
         .collect();
     let pod_refs: Vec<&Pod> = pods.iter().map(|p| p.as_ref()).collect();
-    snapshot::cluster_snapshot(
-        jobs.iter().map(|j| j.as_ref()),
-        &pod_refs,
-        &snapshot::AgentsSeen::from_agents(agents),
-    )
+    snapshot::cluster_snapshot(jobs, &pod_refs, &snapshot::AgentsSeen::from_agents(agents))
 }
 
 /// Time to agent by phase and queue wait, once per request an agent of ours received.

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Pod;
 use crate::ado::models::{self, ResourceUsage, TaskAgent, TaskAgentJobRequest};
 use crate::k8s::crd::AgentPool;
 use crate::k8s::job::{
-    ANNOTATION_AGENT_NAME, ANNOTATION_ATTEMPT, ANNOTATION_REQUEST, LABEL_AGENTPOOL,
+    ANNOTATION_AGENT_NAME, ANNOTATION_ATTEMPT, ANNOTATION_REQUEST, LABEL_AGENTPOOL, LABEL_BUSY,
 };
 use crate::plan;
 
@@ -124,6 +124,41 @@ pub fn pool_ref(pool: &AgentPool) -> Option<plan::PoolRef> {
         pool.metadata.namespace.clone()?,
         pool.metadata.name.clone()?,
     ))
+}
+
+/// An agent pod of ours → [`plan::protect::AgentPod`]; `None` for a pod without our labels.
+pub fn agent_pod(pod: &Pod) -> Option<plan::protect::AgentPod> {
+    let meta = &pod.metadata;
+    let namespace = meta.namespace.clone()?;
+    let pool = meta.labels.as_ref()?.get(LABEL_AGENTPOOL)?.clone();
+    let agent_name = meta
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_AGENT_NAME)?
+        .clone();
+    let status = pod.status.as_ref();
+    let terminal = status
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed");
+    let disruption = status
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .find(|c| c.type_ == "DisruptionTarget" && c.status == "True")
+        .map(|c| c.reason.clone().unwrap_or_else(|| "Unknown".to_owned()));
+    Some(plan::protect::AgentPod {
+        agent_pool: plan::PoolRef::new(namespace.clone(), pool),
+        namespace,
+        name: meta.name.clone()?,
+        agent_name,
+        marked_busy: meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_BUSY))
+            .is_some_and(|v| v == "true"),
+        ended: terminal || meta.deletion_timestamp.is_some(),
+        disruption,
+    })
 }
 
 /// What ADO's agent list says about our agents, by agent name.
@@ -761,5 +796,181 @@ mod timing_tests {
                 (Phase::request_received, Duration::from_secs(9)),
             ]
         );
+    }
+}
+
+#[cfg(test)]
+mod agent_pod_tests {
+    use super::*;
+
+    fn pod(v: serde_json::Value) -> Pod {
+        let mut base = serde_json::json!({
+            "metadata": {
+                "name": "linux-1-1-abc", "namespace": "ci",
+                "labels": {"azp-autoscaler.dev/agentpool": "linux"},
+                "annotations": {"azp-autoscaler.dev/agent-name": "linux-1-1-4f3d08ae"},
+            },
+            "status": {"phase": "Running"},
+        });
+        json_merge(&mut base, v);
+        serde_json::from_value(base).expect("pod")
+    }
+
+    fn json_merge(a: &mut serde_json::Value, b: serde_json::Value) {
+        match (a, b) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                for (k, v) in b {
+                    json_merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (a, b) => *a = b,
+        }
+    }
+
+    #[test]
+    fn pods_become_protection_views() {
+        let running = agent_pod(&pod(serde_json::json!({}))).expect("ours");
+        assert_eq!(running.agent_pool, plan::PoolRef::new("ci", "linux"));
+        assert_eq!(running.agent_name, "linux-1-1-4f3d08ae");
+        assert!(!running.marked_busy && !running.ended && running.disruption.is_none());
+
+        let busy = agent_pod(&pod(
+            serde_json::json!({"metadata": {"labels": {"azp-autoscaler.dev/busy": "true"}}}),
+        ))
+        .expect("ours");
+        assert!(busy.marked_busy);
+
+        for (what, v) in [
+            (
+                "succeeded",
+                serde_json::json!({"status": {"phase": "Succeeded"}}),
+            ),
+            ("failed", serde_json::json!({"status": {"phase": "Failed"}})),
+            (
+                "terminating",
+                serde_json::json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+            ),
+        ] {
+            assert!(agent_pod(&pod(v)).expect("ours").ended, "{what}");
+        }
+
+        let evicted = agent_pod(&pod(serde_json::json!({"status": {"conditions": [
+            {"type": "Ready", "status": "True"},
+            {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"},
+        ]}})))
+        .expect("ours");
+        assert_eq!(evicted.disruption.as_deref(), Some("EvictionByEvictionAPI"));
+        let not_disrupted = agent_pod(&pod(serde_json::json!({"status": {"conditions": [
+            {"type": "DisruptionTarget", "status": "False", "reason": "Whatever"},
+        ]}})))
+        .expect("ours");
+        assert_eq!(not_disrupted.disruption, None);
+
+        let foreign = pod(serde_json::json!({"metadata": {"labels": null}}));
+        assert!(
+            agent_pod(&foreign).is_none(),
+            "no AgentPool label: not ours"
+        );
+    }
+}
+
+/// Agent Jobs this controller created (or found existing on create) that its watch cache may not show
+/// yet: after a watch error the cache lags behind the API server for a while, and planning without them
+/// would exceed `maxAgents` and start second agents for requests. They count until the cache shows them
+/// or `ttl` passes (the watch has re-synced by then).
+#[derive(Debug, Default)]
+pub struct ExpectedJobs {
+    jobs: BTreeMap<(String, String), (Job, Timestamp)>,
+}
+
+impl ExpectedJobs {
+    pub fn insert(&mut self, job: Job, now: Timestamp) {
+        if let (Some(ns), Some(name)) = (job.metadata.namespace.clone(), job.metadata.name.clone())
+        {
+            self.jobs.insert((ns, name), (job, now));
+        }
+    }
+
+    /// Forgets the Jobs the cache shows and those expected for longer than `ttl`; returns the others,
+    /// which the snapshot must add to the cache's Jobs.
+    pub fn settle<'a>(
+        &mut self,
+        cached: impl IntoIterator<Item = &'a Job>,
+        now: Timestamp,
+        ttl: SignedDuration,
+    ) -> Vec<&Job> {
+        let seen: HashSet<(String, String)> = cached
+            .into_iter()
+            .filter_map(|j| Some((j.metadata.namespace.clone()?, j.metadata.name.clone()?)))
+            .collect();
+        self.jobs
+            .retain(|key, (_, since)| !seen.contains(key) && now.duration_since(*since) < ttl);
+        self.jobs.values().map(|(j, _)| j).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod expected_jobs_tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn job(ns: &str, name: &str) -> Job {
+        Job {
+            metadata: ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
+            ..Job::default()
+        }
+    }
+
+    #[test]
+    fn created_jobs_count_until_the_cache_shows_them_or_the_ttl_passes() {
+        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let ttl = SignedDuration::from_secs(120);
+        let mut expected = ExpectedJobs::default();
+        expected.insert(job("ci", "linux-1-1"), t0);
+        expected.insert(job("ci", "linux-2-1"), t0);
+        expected.insert(job("other", "linux-1-1"), t0);
+
+        // The cache lags: every created Job is added.
+        let names = |v: Vec<&Job>| -> Vec<String> {
+            v.iter()
+                .map(|j| {
+                    format!(
+                        "{}/{}",
+                        j.metadata.namespace.clone().unwrap_or_default(),
+                        j.metadata.name.clone().unwrap_or_default()
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            names(expected.settle([], t0, ttl)),
+            ["ci/linux-1-1", "ci/linux-2-1", "other/linux-1-1"]
+        );
+        // The cache shows one (namespace and name both match): only the others are added.
+        let cached = [job("ci", "linux-1-1")];
+        assert_eq!(
+            names(expected.settle(&cached, t0 + SignedDuration::from_secs(5), ttl)),
+            ["ci/linux-2-1", "other/linux-1-1"]
+        );
+        // Once seen, a Job is forgotten: a later deletion is the cache's to report.
+        assert_eq!(
+            names(expected.settle([], t0 + SignedDuration::from_secs(6), ttl)),
+            ["ci/linux-2-1", "other/linux-1-1"]
+        );
+        // Past the TTL nothing is added any more.
+        assert!(expected.settle([], t0 + ttl, ttl).is_empty());
+        assert!(expected.is_empty());
     }
 }

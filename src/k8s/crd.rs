@@ -82,7 +82,8 @@ pub struct AgentPoolSpec {
     #[schemars(range(min = 0, max = 1000))]
     pub min_idle: u32,
 
-    /// Upper bound of unfinished agent Jobs of this AgentPool.
+    /// Upper bound of this AgentPool's agents that can still take work: unfinished agent Jobs, not
+    /// counting those whose agent already completed its one job and is only deregistering.
     #[schemars(range(min = 1, max = 10000))]
     pub max_agents: u32,
 

@@ -38,6 +38,9 @@ pub const AGENT_FILES_MOUNT: &str = "/var/run/azp-autoscaler/agent";
 pub const AGENT_FILES_VOLUME: &str = "azp-agent-files";
 /// The pod label that asks the workload-identity webhook for a token file.
 pub const WORKLOAD_IDENTITY_LABEL: &str = "azure.workload.identity/use";
+/// Pod label the controller sets while the pod's agent holds a request: the AgentPool's
+/// PodDisruptionBudget selects exactly these pods and allows no eviction of them.
+pub const LABEL_BUSY: &str = "azp-autoscaler.dev/busy";
 /// Default grace period when the template sets none.
 pub const DEFAULT_GRACE_SECONDS: i64 = 90;
 

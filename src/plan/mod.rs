@@ -71,6 +71,10 @@
 //! agents, removes idle ones safely, deletes unregistered Jobs and left-behind agents, and only then
 //! its placeholder and its finalizer.
 //!
+//! **Disruption** ([`protect`]). A pod whose agent holds a request is marked busy and selected by its
+//! AgentPool's PodDisruptionBudget, which allows no eviction; a busy pod disrupted anyway (node loss,
+//! preemption) is a job lost to eviction.
+//!
 //! **Leader election** ([`lease_step`], [`still_leader`]). With several replicas only the holder of
 //! an unexpired Lease writes; it stops a margin before its Lease could be taken over.
 //!
@@ -123,6 +127,7 @@ pub mod model;
 pub mod names;
 pub mod output;
 mod planner;
+pub mod protect;
 pub mod report;
 
 #[cfg(test)]

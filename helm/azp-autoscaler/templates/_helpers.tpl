@@ -65,7 +65,8 @@ app.kubernetes.io/component: controller
 {{- end }}
 
 {{/*
-The controller's permissions on AgentPools, agent Jobs and Pods, Secrets (PAT auth) and Events, wherever it
+The controller's permissions on AgentPools, agent Jobs and Pods (patch: marking busy pods), the busy pods'
+PodDisruptionBudgets, Secrets (PAT auth) and Events, wherever it
 watches. The one list of rules: the end-to-end tests run the controller under exactly these
 (tests/testbed/src/chart.rs renders them).
 */}}
@@ -84,7 +85,10 @@ watches. The one list of rules: the end-to-end tests run the controller under ex
   verbs: ["get", "list", "watch", "create", "delete", "patch"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "create", "patch"]
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "create", "delete"]

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
@@ -64,6 +65,16 @@ pub struct BedOptions {
     pub controller_args: Vec<String>,
     /// The simulator's configuration (orgs, identities and issuers are added by the bed).
     pub sim: SimConfig,
+    /// Join this simulator instead of starting one (a second cluster sharing the ADO organization and
+    /// its pools): `sim`, `ado_pools` and `parallel_jobs` are then ignored, the bed only adds its own
+    /// identities as members. Give it other client ids than the bed it shares with.
+    pub share_sim: Option<Arc<Simulator>>,
+    /// Client id of the controller's managed identity.
+    pub controller_client_id: String,
+    /// Client id of the agents' managed identity.
+    pub agent_client_id: String,
+    /// The controller's `--cluster-id` (default `bed-<namespace>`).
+    pub cluster_id: Option<String>,
 }
 
 impl BedOptions {
@@ -81,6 +92,10 @@ impl BedOptions {
             start_controller: true,
             controller_args: Vec::new(),
             sim,
+            share_sim: None,
+            controller_client_id: CONTROLLER_CLIENT_ID.to_owned(),
+            agent_client_id: AGENT_CLIENT_ID.to_owned(),
+            cluster_id: None,
         }
     }
 }
@@ -89,7 +104,8 @@ impl BedOptions {
 pub struct Bed {
     pub client: Client,
     pub namespace: String,
-    pub sim: Simulator,
+    /// The ADO + Entra simulator (shared with another bed when started with `share_sim`).
+    pub sim: Arc<Simulator>,
     pub node: Option<NodeHarness>,
     pub dir: PathBuf,
     /// The running controller process, if any.
@@ -100,6 +116,8 @@ pub struct Bed {
     controller_args: Vec<String>,
     /// How many times the controller was started (names its log files).
     starts: u32,
+    /// Whether this bed started the simulator (and stops it at teardown).
+    owns_sim: bool,
 }
 
 /// Where the workspace's binaries are (`target/debug`).
@@ -146,41 +164,60 @@ impl Bed {
         // Identities: the controller's and the agents' managed identities, federated with their
         // ServiceAccounts through the API server's issuer; both added to the organization.
         let issuer = service_account_issuer(&client).await?;
-        let ca_pem = cluster_ca_pem()?;
-        let mut sim_cfg = opts.sim.clone();
-        sim_cfg.federated_issuers.push(FederatedIssuer {
-            issuer: issuer.clone(),
-            jwks: JwksSource::Url {
-                url: format!("{}/openid/v1/jwks", issuer.trim_end_matches('/')),
-                ca_pem: Some(ca_pem),
-                bearer_token: None,
-            },
-        });
-        let controller_identity = IdentitySpec::new(CONTROLLER_CLIENT_ID).federated_sa(
+        let controller_identity = IdentitySpec::new(&opts.controller_client_id).federated_sa(
             &issuer,
             &namespace,
             CONTROLLER_SA,
         );
         let agent_identity =
-            IdentitySpec::new(AGENT_CLIENT_ID).federated_sa(&issuer, &namespace, AGENT_SA);
-        let mut org = OrgSpec::new(ORG)
-            .member(controller_identity.object_id.clone())
-            .member(agent_identity.object_id.clone())
-            .parallel_jobs(opts.parallel_jobs);
-        for pool in &opts.ado_pools {
-            org = org.pool(pool.clone());
-        }
-        sim_cfg.identities.push(controller_identity);
-        sim_cfg.identities.push(agent_identity);
-        sim_cfg.orgs.push(org);
-        sim_cfg.state_dir = Some(dir.join("sim"));
-        let sim = Simulator::start(sim_cfg).await?;
+            IdentitySpec::new(&opts.agent_client_id).federated_sa(&issuer, &namespace, AGENT_SA);
+        let owns_sim = opts.share_sim.is_none();
+        let sim = match opts.share_sim.clone() {
+            Some(sim) => {
+                // The shared simulator trusts the API server's issuer already.
+                for identity in [controller_identity, agent_identity] {
+                    sim.add_member(ORG, &identity.object_id)?;
+                    sim.add_identity(identity);
+                }
+                sim
+            }
+            None => {
+                let ca_pem = cluster_ca_pem()?;
+                let mut sim_cfg = opts.sim.clone();
+                sim_cfg.federated_issuers.push(FederatedIssuer {
+                    issuer: issuer.clone(),
+                    jwks: JwksSource::Url {
+                        url: format!("{}/openid/v1/jwks", issuer.trim_end_matches('/')),
+                        ca_pem: Some(ca_pem),
+                        bearer_token: None,
+                    },
+                });
+                let mut org = OrgSpec::new(ORG)
+                    .member(controller_identity.object_id.clone())
+                    .member(agent_identity.object_id.clone())
+                    .parallel_jobs(opts.parallel_jobs);
+                for pool in &opts.ado_pools {
+                    org = org.pool(pool.clone());
+                }
+                sim_cfg.identities.push(controller_identity);
+                sim_cfg.identities.push(agent_identity);
+                sim_cfg.orgs.push(org);
+                sim_cfg.state_dir = Some(dir.join("sim"));
+                Arc::new(Simulator::start(sim_cfg).await?)
+            }
+        };
         let ca_path = sim
             .ca_pem_path()
             .map(Path::to_path_buf)
             .ok_or_else(|| BedError::Other("the simulator runs without TLS".into()))?;
 
-        create_service_accounts(&client, &namespace).await?;
+        create_service_accounts(
+            &client,
+            &namespace,
+            &opts.controller_client_id,
+            &opts.agent_client_id,
+        )
+        .await?;
         create_controller_rbac(&client, &namespace).await?;
 
         // The node: agent pods run `azp-autoscaler agent` in a folder holding the stand-in agent, as the
@@ -212,14 +249,24 @@ impl Bed {
         );
         let node = NodeHarness::start(client.clone(), node_cfg).await?;
 
-        let controller_env = controller_env(&client, &namespace, &dir, &sim, &ca_path).await?;
+        let controller_env = controller_env(
+            &client,
+            &namespace,
+            &dir,
+            &sim,
+            &ca_path,
+            &opts.controller_client_id,
+        )
+        .await?;
         let admin_port = free_port()?;
         let mut controller_args = vec![
             "controller".to_owned(),
             "--namespace".to_owned(),
             namespace.clone(),
             "--cluster-id".to_owned(),
-            format!("bed-{namespace}"),
+            opts.cluster_id
+                .clone()
+                .unwrap_or_else(|| format!("bed-{namespace}")),
             "--admin-addr".to_owned(),
             format!("127.0.0.1:{admin_port}"),
             "--agents-every-seconds".to_owned(),
@@ -237,6 +284,7 @@ impl Bed {
             controller_env,
             controller_args,
             starts: 0,
+            owns_sim,
         };
         if opts.start_controller {
             bed.start_controller()?;
@@ -412,6 +460,139 @@ impl Bed {
             .items)
     }
 
+    /// The controller's `--cluster-id`.
+    pub fn cluster_id(&self) -> String {
+        self.controller_args
+            .windows(2)
+            .find(|w| w[0] == "--cluster-id")
+            .map(|w| w[1].clone())
+            .unwrap_or_default()
+    }
+
+    /// The owner capability (`azp-autoscaler.owner`) of the agents this bed's controller registers for
+    /// an AgentPool.
+    pub fn owner(&self, agentpool: &str) -> String {
+        format!("{}/{}/{agentpool}", self.cluster_id(), self.namespace)
+    }
+
+    /// Points the controller's kubeconfig at another address of the API server (e.g. a
+    /// [`crate::proxy::TcpProxy`] in front of it); applies to controller processes started afterwards.
+    pub fn route_controller_api_through(&self, addr: std::net::SocketAddr) -> Result<(), BedError> {
+        let path = self.dir.join("controller.kubeconfig");
+        let text = std::fs::read_to_string(&path)?;
+        let routed: Vec<String> = text
+            .lines()
+            .map(|l| match l.trim_start().strip_prefix("server:") {
+                Some(_) => format!("    server: https://{addr}"),
+                None => l.to_owned(),
+            })
+            .collect();
+        std::fs::write(&path, routed.join("\n") + "\n")?;
+        Ok(())
+    }
+
+    /// Lets the controller's ServiceAccount hold the leader Lease in the bed's namespace (the chart
+    /// grants this in the controller's own namespace only).
+    pub async fn grant_lease(&self) -> Result<(), BedError> {
+        let name = "azp-autoscaler-leader";
+        Api::<Role>::namespaced(self.client.clone(), &self.namespace)
+            .create(
+                &PostParams::default(),
+                &Role {
+                    metadata: ObjectMeta {
+                        name: Some(name.into()),
+                        ..ObjectMeta::default()
+                    },
+                    rules: Some(vec![PolicyRule {
+                        api_groups: Some(vec!["coordination.k8s.io".into()]),
+                        resources: Some(vec!["leases".into()]),
+                        verbs: vec!["get".into(), "create".into(), "update".into()],
+                        ..PolicyRule::default()
+                    }]),
+                },
+            )
+            .await?;
+        bind_to_controller(&self.client, &self.namespace, name).await
+    }
+
+    /// Starts another replica of the controller: same binary, identity and arguments, its own admin
+    /// address and log file (`controller-<label>.log` in the bed's folder).
+    pub fn spawn_replica(&self, label: &str) -> Result<Replica, BedError> {
+        let admin_addr = format!("127.0.0.1:{}", free_port()?);
+        let mut args = self.controller_args.clone();
+        if let Some(i) = args.iter().position(|a| a == "--admin-addr") {
+            args[i + 1] = admin_addr.clone();
+        }
+        let log = self.dir.join(format!("controller-{label}.log"));
+        let child = tokio::process::Command::new(bin("azp-autoscaler"))
+            .args(&args)
+            .env_clear()
+            .envs(self.controller_env.iter().cloned())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(Replica {
+            child: Some(child),
+            admin_addr,
+            log,
+        })
+    }
+
+    /// Registers an offline agent through ADO's REST API as another identity (another cluster's
+    /// controller, or a hand-made agent) with the given capabilities; the identity is added to the
+    /// organization. Returns the agent's id.
+    pub async fn register_agent_as(
+        &self,
+        identity: &IdentitySpec,
+        ado_pool: &str,
+        name: &str,
+        capabilities: serde_json::Value,
+    ) -> Result<u32, BedError> {
+        self.sim.add_identity(identity.clone());
+        self.sim.add_member(ORG, &identity.object_id)?;
+        let token = self.sim.mint_access_token(
+            &identity.client_id,
+            &identity.object_id,
+            Duration::from_secs(3600),
+        );
+        let pool_id = self.sim.pool_id(ORG, ado_pool)?;
+        let body = serde_json::json!({
+            "name": name,
+            "version": crate::standin::AGENT_VERSION,
+            "maxParallelism": 1,
+            "enabled": true,
+            "systemCapabilities": capabilities,
+            // A throwaway 2040-bit "key": the agent never connects.
+            "authorization": {"publicKey": {"exponent": "AQAB", "modulus": "////".repeat(85)}},
+        });
+        let response = self
+            .sim
+            .http_client()
+            .post(format!(
+                "{}/_apis/distributedtask/pools/{pool_id}/agents?api-version=7.1",
+                self.org_url()
+            ))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| BedError::Other(format!("registering {name}: {e}")))?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(BedError::Other(format!(
+                "registering {name}: {status} {text}"
+            )));
+        }
+        let agent: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| BedError::Other(format!("registering {name}: {e}: {text}")))?;
+        agent["id"]
+            .as_u64()
+            .and_then(|id| u32::try_from(id).ok())
+            .ok_or_else(|| BedError::Other(format!("registering {name}: no id in {text}")))
+    }
+
     /// Stops the controller and the node, deletes the namespace (its Jobs and pods go with it).
     pub async fn teardown(mut self) {
         self.kill_controller().await;
@@ -438,8 +619,60 @@ impl Bed {
         let _ = Api::<Namespace>::all(self.client.clone())
             .delete(&self.namespace, &DeleteParams::background())
             .await;
-        self.sim.shutdown();
+        if self.owns_sim {
+            self.sim.shutdown();
+        }
     }
+}
+
+/// Another controller process of a bed (see [`Bed::spawn_replica`]); killed on drop.
+pub struct Replica {
+    pub child: Option<tokio::process::Child>,
+    /// Its admin address (metrics).
+    pub admin_addr: String,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Replica {
+    /// Kills it with SIGKILL and waits for it.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    /// Its logs so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// The value of a metric (summed over its label sets) on a controller's `/metrics` at `admin_addr`;
+/// `needle` is the line prefix, e.g. `azp_autoscaler_leader ` or `azp_autoscaler_cleanups_total{`.
+pub async fn scrape_metric(admin_addr: &str, needle: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://{admin_addr}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .filter(|l| l.starts_with(needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(|a, b| a + b)
+}
+
+/// The API server's address, from the admin kubeconfig (to put a proxy in front of it).
+pub fn api_server_addr() -> Result<std::net::SocketAddr, BedError> {
+    let url = client_server_url()?;
+    let hostport = url
+        .trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
+    std::net::ToSocketAddrs::to_socket_addrs(hostport)?
+        .next()
+        .ok_or_else(|| BedError::Other(format!("no address for the API server {url}")))
 }
 
 /// The AgentPool API resource (dynamic, so the bed does not link the product).
@@ -527,11 +760,16 @@ fn cluster_ca_pem() -> Result<String, BedError> {
     })
 }
 
-async fn create_service_accounts(client: &Client, namespace: &str) -> Result<(), BedError> {
+async fn create_service_accounts(
+    client: &Client,
+    namespace: &str,
+    controller_client_id: &str,
+    agent_client_id: &str,
+) -> Result<(), BedError> {
     let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
     for (name, client_id) in [
-        (CONTROLLER_SA, CONTROLLER_CLIENT_ID),
-        (AGENT_SA, AGENT_CLIENT_ID),
+        (CONTROLLER_SA, controller_client_id),
+        (AGENT_SA, agent_client_id),
     ] {
         api.create(
             &PostParams::default(),
@@ -581,7 +819,12 @@ pub fn controller_role_rules() -> Vec<PolicyRule> {
             &["jobs"],
             &["get", "list", "watch", "create", "delete", "patch"],
         ),
-        rule(&[""], &["pods"], &["get", "list", "watch"]),
+        rule(&[""], &["pods"], &["get", "list", "watch", "patch"]),
+        rule(
+            &["policy"],
+            &["poddisruptionbudgets"],
+            &["get", "create", "patch"],
+        ),
         rule(&[""], &["secrets"], &["get", "create", "delete"]),
         rule(&["events.k8s.io"], &["events"], &["create", "patch"]),
     ]
@@ -601,6 +844,11 @@ async fn create_controller_rbac(client: &Client, namespace: &str) -> Result<(), 
             },
         )
         .await?;
+    bind_to_controller(client, namespace, name).await
+}
+
+/// Binds the Role `name` to the controller's ServiceAccount.
+async fn bind_to_controller(client: &Client, namespace: &str, name: &str) -> Result<(), BedError> {
     Api::<RoleBinding>::namespaced(client.clone(), namespace)
         .create(
             &PostParams::default(),
@@ -657,6 +905,7 @@ async fn controller_env(
     dir: &Path,
     sim: &Simulator,
     ca_path: &Path,
+    client_id: &str,
 ) -> Result<Vec<(String, String)>, BedError> {
     let api_token = sa_token(client, namespace, CONTROLLER_SA, None).await?;
     let kubeconfig = dir.join("controller.kubeconfig");
@@ -680,10 +929,7 @@ async fn controller_env(
     std::fs::write(&token_file, federated)?;
     let mut env = vec![
         ("KUBECONFIG".to_owned(), kubeconfig.display().to_string()),
-        (
-            "AZURE_CLIENT_ID".to_owned(),
-            CONTROLLER_CLIENT_ID.to_owned(),
-        ),
+        ("AZURE_CLIENT_ID".to_owned(), client_id.to_owned()),
         ("AZURE_TENANT_ID".to_owned(), sim.tenant_id()),
         ("AZURE_AUTHORITY_HOST".to_owned(), sim.entra_url()),
         (

@@ -4,7 +4,9 @@ pub mod bed;
 pub mod ca;
 pub mod chart;
 pub mod demo;
+pub mod invariants;
 pub mod node;
+pub mod proxy;
 pub mod sim;
 pub mod standin;
 

@@ -283,6 +283,17 @@ impl Shared {
     }
 }
 
+/// What [`NodeHarness::drain_until_empty`] did.
+#[derive(Debug, Clone, Default)]
+pub struct DrainReport {
+    /// Pods evicted (`namespace/name`), in order.
+    pub evicted: Vec<String>,
+    /// Evictions refused by a PodDisruptionBudget (each retry counts).
+    pub refused: u32,
+    /// Pods still running when the timeout passed (empty when the node was drained).
+    pub left: Vec<String>,
+}
+
 /// A running fake node. Stop it with [`NodeHarness::shutdown`]; dropping it instead (a test that panicked)
 /// kills its processes and deletes the Node through a fresh client from `KUBECONFIG`.
 pub struct NodeHarness {
@@ -409,6 +420,53 @@ impl NodeHarness {
             }
         }
         Ok(evicted)
+    }
+
+    /// `kubectl drain` as it behaves: cordon, then evict every pod running on the node, retrying every
+    /// `retry` the evictions a PodDisruptionBudget refuses (429), until no pod runs on the node or
+    /// `timeout` passes. Pods the Job controller makes meanwhile are not bound (the node is cordoned).
+    pub async fn drain_until_empty(
+        &self,
+        retry: Duration,
+        timeout: Duration,
+    ) -> Result<DrainReport, NodeError> {
+        self.cordon().await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut report = DrainReport::default();
+        loop {
+            let running: Vec<(String, String)> = self
+                .shared
+                .pods()
+                .values()
+                .filter(|e| e.updates.is_some())
+                .map(|e| (e.namespace.clone(), e.name.clone()))
+                .collect();
+            if running.is_empty() {
+                return Ok(report);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                report.left = running
+                    .into_iter()
+                    .map(|(ns, name)| format!("{ns}/{name}"))
+                    .collect();
+                return Ok(report);
+            }
+            for (ns, name) in running {
+                let pod = format!("{ns}/{name}");
+                if report.evicted.contains(&pod) {
+                    continue; // terminating
+                }
+                match self.evict_pod(&ns, &name).await {
+                    Ok(()) => report.evicted.push(pod),
+                    Err(NodeError::Api { source, .. }) if is_status(&source, 429) => {
+                        report.refused += 1;
+                    }
+                    Err(NodeError::Api { source, .. }) if is_status(&source, 404) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            tokio::time::sleep(retry).await;
+        }
     }
 
     /// Stops the Lease renewals and Ready heartbeats (a hung kubelet): the node-lifecycle controller marks

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::demands::Demand;
 use super::entra::{self, now_unix};
-use super::model::{Agent, AgentToken, Org, Session, World, add};
+use super::model::{Agent, AgentAction, AgentToken, Org, Session, World, add};
 use super::ratelimit::{RateDecision, RateHeaders};
 use super::{EndpointClass, FaultKind, PRIVATE_TAG, PoolRole, Shared, control};
 
@@ -145,6 +145,16 @@ pub(crate) enum Caller {
     User { oid: String },
     /// A registered agent using its OAuth token.
     Agent { agent_id: u32 },
+}
+
+impl Caller {
+    /// How the agent audit log names the caller.
+    fn audit_name(&self) -> String {
+        match self {
+            Caller::User { oid } => oid.clone(),
+            Caller::Agent { agent_id } => format!("agent:{agent_id}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -497,6 +507,45 @@ async fn handle(
     }
 }
 
+/// Plays an injected fault: `Err` with the response that replaces the call's, `Ok(true)` when the
+/// call's answer must be malformed, `Ok(false)` otherwise (no fault, or a delay served).
+async fn apply_fault(
+    sh: &Arc<Shared>,
+    endpoint: &'static str,
+    fault: Option<FaultKind>,
+) -> Result<bool, Response> {
+    match fault {
+        Some(FaultKind::RateLimited { retry_after_secs }) => {
+            sh.world().record_call(endpoint, "fault", 429);
+            let mut r = AdoError::throttled(retry_after_secs).into_response(sh);
+            RateHeaders {
+                limit: 200.0,
+                remaining: 0.0,
+                reset_unix: now_unix() + retry_after_secs as i64,
+                retry_after: Some(retry_after_secs),
+            }
+            .apply(r.headers_mut());
+            Err(r)
+        }
+        Some(FaultKind::ServerError { status }) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            sh.world().record_call(endpoint, "fault", status.as_u16());
+            Err(AdoError::new(
+                status,
+                "SqlTimeoutException",
+                "TF246017: Azure DevOps could not connect to the database (simulated fault). Retry later.",
+            )
+            .into_response(sh))
+        }
+        Some(FaultKind::Slow { delay_ms }) => {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            Ok(false)
+        }
+        Some(FaultKind::MalformedJson) => Ok(true),
+        _ => Ok(false),
+    }
+}
+
 async fn api(
     sh: &Arc<Shared>,
     org: &str,
@@ -515,36 +564,10 @@ async fn api(
             FaultKind::TokenOutage | FaultKind::ShortTokenLifetime { .. }
         )
     });
-    let mut malformed = false;
-    match fault {
-        Some(FaultKind::RateLimited { retry_after_secs }) => {
-            sh.world().record_call(endpoint, "fault", 429);
-            let mut r = AdoError::throttled(retry_after_secs).into_response(sh);
-            RateHeaders {
-                limit: 200.0,
-                remaining: 0.0,
-                reset_unix: now_unix() + retry_after_secs as i64,
-                retry_after: Some(retry_after_secs),
-            }
-            .apply(r.headers_mut());
-            return r;
-        }
-        Some(FaultKind::ServerError { status }) => {
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            sh.world().record_call(endpoint, "fault", status.as_u16());
-            return AdoError::new(
-                status,
-                "SqlTimeoutException",
-                "TF246017: Azure DevOps could not connect to the database (simulated fault). Retry later.",
-            )
-            .into_response(sh);
-        }
-        Some(FaultKind::Slow { delay_ms }) => {
-            tokio::time::sleep(Duration::from_millis(delay_ms)).await
-        }
-        Some(FaultKind::MalformedJson) => malformed = true,
-        _ => {}
-    }
+    let mut malformed = match apply_fault(sh, endpoint, fault).await {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
     if let Err(e) = check_api_version(query, headers, method, &route) {
         sh.world()
             .record_call(endpoint, "anonymous", e.status.as_u16());
@@ -576,6 +599,21 @@ async fn api(
             }
         }
     };
+    // Faults scoped to this caller come once it is known.
+    if let Caller::User { oid } = &caller {
+        let fault = sh
+            .world()
+            .take_fault_of(class, Some(org), Some(oid.as_str()), |k| {
+                !matches!(
+                    k,
+                    FaultKind::TokenOutage | FaultKind::ShortTokenLifetime { .. }
+                )
+            });
+        match apply_fault(sh, endpoint, fault).await {
+            Ok(m) => malformed |= m,
+            Err(r) => return r,
+        }
+    }
     let label = caller_label(org, &caller);
     let ctx = Ctx {
         sh,
@@ -669,6 +707,7 @@ fn dispatch(w: &mut World, c: &Ctx<'_>, route: Route) -> Reply {
         Route::AgentDelete(p, a) => {
             require(w, c, p, PoolRole::Administrator)?;
             find_agent(w, c, p, a)?;
+            w.log_agent_change(a, AgentAction::Deleted, c.caller.audit_name());
             w.delete_agent(a);
             Ok((StatusCode::NO_CONTENT, None))
         }
@@ -1058,6 +1097,7 @@ fn agents_add(w: &mut World, c: &Ctx<'_>, pool: u32) -> Reply {
     };
     agent.refresh_caps();
     w.agents.insert(id, agent);
+    w.log_agent_change(id, AgentAction::Registered, c.caller.audit_name());
     ok(w.agent_json(&w.agents[&id], true, false, false, true))
 }
 
@@ -1066,6 +1106,7 @@ fn agent_replace(w: &mut World, c: &Ctx<'_>, pool: u32, id: u32) -> Reply {
     find_agent(w, c, pool, id)?;
     let b = parse_agent_body(c.body)?;
     let (modulus, exponent) = public_key(&b)?;
+    w.log_agent_change(id, AgentAction::Replaced, c.caller.audit_name());
     // Taking over ends the old owner's session and revokes its tokens.
     w.end_session(id);
     w.agent_tokens.retain(|_, t| t.agent_id != id);
@@ -1104,6 +1145,11 @@ fn agent_update(w: &mut World, c: &Ctx<'_>, pool: u32, id: u32) -> Reply {
     require(w, c, pool, PoolRole::Administrator)?;
     find_agent(w, c, pool, id)?;
     let b = parse_agent_body(c.body)?;
+    w.log_agent_change(
+        id,
+        AgentAction::Updated { enabled: b.enabled },
+        c.caller.audit_name(),
+    );
     let Some(a) = w.agents.get_mut(&id) else {
         return Err(AdoError::agent_not_found(pool, id));
     };

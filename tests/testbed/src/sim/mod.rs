@@ -68,7 +68,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ca::{CaError, TestCa};
 
-pub use model::{AgentInfo, RequestInfo};
+pub use model::{AgentAction, AgentChange, AgentInfo, RequestInfo};
 
 /// The ADO resource (application) id: the audience of access tokens for Azure DevOps.
 pub const ADO_RESOURCE_ID: &str = "499b84ac-1321-427f-aa17-267ca6975798";
@@ -495,6 +495,10 @@ pub struct Fault {
     /// Only this organization (Entra faults ignore it).
     #[serde(default)]
     pub org: Option<String>,
+    /// Only calls by this identity (object id) to the ADO REST API, once authenticated: a fault for one
+    /// caller (the controller) while other callers (agents) are served. Entra faults ignore it.
+    #[serde(default)]
+    pub caller: Option<String>,
 }
 
 impl Fault {
@@ -505,6 +509,7 @@ impl Fault {
             kind,
             count: Some(1),
             org: None,
+            caller: None,
         }
     }
     /// A fault hitting the next `n` calls of `class`.
@@ -514,6 +519,7 @@ impl Fault {
             kind,
             count: Some(n),
             org: None,
+            caller: None,
         }
     }
     /// A fault hitting every call of `class` until cleared.
@@ -523,7 +529,13 @@ impl Fault {
             kind,
             count: None,
             org: None,
+            caller: None,
         }
+    }
+    /// Scopes the fault to the ADO calls of one identity (object id).
+    pub fn by(mut self, object_id: impl Into<String>) -> Self {
+        self.caller = Some(object_id.into());
+        self
     }
 }
 
@@ -961,6 +973,21 @@ impl Simulator {
     /// Every agent of a pool, by id.
     pub fn agents(&self, org: &str, pool: &str) -> Result<Vec<AgentInfo>, SimError> {
         self.shared.world().agents_info(org, pool)
+    }
+
+    /// Every change made to an agent through the REST API so far (registrations, takeovers, updates,
+    /// deletions), oldest first, with the caller and the request the agent held at that moment.
+    pub fn agent_changes(&self) -> Vec<AgentChange> {
+        self.shared.world().agent_log.clone()
+    }
+
+    /// An identity known to Entra, by client id (to change its federated credentials and add it back).
+    pub fn identity(&self, client_id: &str) -> Option<IdentitySpec> {
+        self.shared
+            .world()
+            .identities
+            .get(&client_id.to_ascii_lowercase())
+            .cloned()
     }
 
     /// What probe steps of a request reported, in arrival order.

@@ -70,6 +70,42 @@ pub struct AgentInfo {
     pub created_on: Timestamp,
 }
 
+/// What a call did to an agent (see [`AgentChange`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AgentAction {
+    /// `POST agents`.
+    Registered,
+    /// `PUT agents/{id}` (a takeover, `config.sh --replace`).
+    Replaced,
+    /// `PATCH agents/{id}`; `enabled` when the body set it.
+    Updated { enabled: Option<bool> },
+    /// `DELETE agents/{id}`.
+    Deleted,
+}
+
+/// One change made to an agent through the REST API, in the order the simulator applied them: who did
+/// it, and which request the agent held at that moment (the audit trail a fault suite derives "no busy
+/// agent removed" and "foreign agents untouched" from).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentChange {
+    pub time: Timestamp,
+    pub org: String,
+    pub pool_id: u32,
+    pub agent_id: u32,
+    pub agent_name: String,
+    pub action: AgentAction,
+    /// The caller: an identity's object id, or `agent:<id>` for an agent's own OAuth token.
+    pub by: String,
+    /// The unfinished request the agent held just before the change.
+    pub held_request: Option<u64>,
+    /// Whether the agent had received that request (its job was running).
+    pub held_request_received: bool,
+    /// Its system capabilities just before the change (after, for a registration).
+    pub system_capabilities: BTreeMap<String, String>,
+}
+
 pub(crate) struct Org {
     pub name: String,
     pub parallel_jobs: u32,
@@ -200,6 +236,7 @@ pub(crate) struct World {
     next_pool: u32,
     next_message: u64,
     pub ado_base: String,
+    pub(crate) agent_log: Vec<AgentChange>,
 }
 
 fn org_key(org: &str) -> String {
@@ -233,6 +270,7 @@ impl World {
             next_pool: 1,
             next_message: 1,
             ado_base: ado_base.to_owned(),
+            agent_log: Vec::new(),
         };
         for i in &cfg.identities {
             w.add_identity(i.clone());
@@ -417,9 +455,26 @@ impl World {
         org: Option<&str>,
         want: impl Fn(&FaultKind) -> bool,
     ) -> Option<FaultKind> {
+        self.take_fault_of(class, org, None, want)
+    }
+
+    /// [`Self::take_fault`] for faults scoped to one caller (`caller` = its object id; `None` takes only
+    /// unscoped faults).
+    pub(crate) fn take_fault_of(
+        &mut self,
+        class: EndpointClass,
+        org: Option<&str>,
+        caller: Option<&str>,
+        want: impl Fn(&FaultKind) -> bool,
+    ) -> Option<FaultKind> {
         let idx = self.faults.iter().position(|f| {
             (f.class == class || f.class == EndpointClass::Any)
                 && want(&f.kind)
+                && match (&f.caller, caller) {
+                    (None, None) => true,
+                    (Some(fc), Some(c)) => fc.eq_ignore_ascii_case(c),
+                    _ => false,
+                }
                 && match (&f.org, org) {
                     (Some(fo), Some(o)) => fo.eq_ignore_ascii_case(o),
                     (Some(_), None) => class == EndpointClass::Token,
@@ -487,6 +542,31 @@ impl World {
     }
 
     // ---- agents --------------------------------------------------------------------------------
+
+    /// Records a change to an agent, with the request it holds now (call it before applying the change;
+    /// after, for a registration).
+    pub(crate) fn log_agent_change(&mut self, agent_id: u32, action: AgentAction, by: String) {
+        let Some(a) = self.agents.get(&agent_id) else {
+            return;
+        };
+        let held = a
+            .assigned
+            .and_then(|rid| self.requests.get(&rid))
+            .filter(|r| r.finish_time.is_none());
+        let change = AgentChange {
+            time: Timestamp::now(),
+            org: a.org.clone(),
+            pool_id: a.pool_id,
+            agent_id,
+            agent_name: a.name.clone(),
+            action,
+            by,
+            held_request: held.map(|r| r.id),
+            held_request_received: held.is_some_and(|r| r.receive_time.is_some()),
+            system_capabilities: a.system_caps.clone(),
+        };
+        self.agent_log.push(change);
+    }
 
     pub(crate) fn next_agent_id(&mut self) -> u32 {
         let id = self.next_agent;
@@ -655,11 +735,18 @@ impl World {
             .map(|r| r.id)
             .collect();
         for id in &expired {
+            let mut agent = None;
             if let Some(r) = self.requests.get_mut(id) {
                 r.status_message = Some(
                     "The agent did not renew the job lock in time; the request was abandoned."
                         .into(),
                 );
+                agent = r.agent;
+            }
+            // ADO stopped hearing from the agent: it goes offline, so no other request is assigned to a
+            // dead agent (where it would wait forever, never received).
+            if let Some(aid) = agent {
+                self.end_session(aid);
             }
             self.finish(*id, "abandoned");
         }
