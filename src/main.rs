@@ -30,6 +30,8 @@ enum Command {
     Agent(azp_autoscaler::agent::AgentArgs),
     /// Dry run: what the controller would do for these AgentPool manifests right now. Creates nothing.
     Plan(azp_autoscaler::cli::plan::PlanArgs),
+    /// Delete the selected AgentPools and wait until the controller drained them (Helm pre-delete hook).
+    Drain(azp_autoscaler::cli::drain::DrainArgs),
     /// Print the AgentPool CustomResourceDefinition (YAML), as the Helm chart ships it.
     Crd,
 }
@@ -161,6 +163,7 @@ fn main() -> ExitCode {
             Command::Agent(args) => azp_autoscaler::agent::entrypoint(args).await,
             Command::Controller(args) => report(controller(args).await),
             Command::Plan(args) => azp_autoscaler::cli::plan::run(args).await,
+            Command::Drain(args) => azp_autoscaler::cli::drain::run(args).await,
             Command::Crd => unreachable!("handled before the runtime starts"),
         }
     })

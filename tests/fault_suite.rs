@@ -811,6 +811,39 @@ async fn drive(run: &mut Run) -> Result<(), String> {
                 .iter()
                 .filter_map(|r| r.agent_name.clone())
                 .collect();
+            // Protection starts at the controller's next poll after ADO gives an agent its request (the
+            // documented window): drain once the busy pods are marked, as a drain at a random moment
+            // would almost always find them.
+            run.wait_for("the busy agents' pods marked busy", || async {
+                let Ok(pods) =
+                    Api::<Pod>::namespaced(run.bed().client.clone(), &run.bed().namespace)
+                        .list(&ListParams::default().labels(JOBS_SELECTOR))
+                        .await
+                else {
+                    return false;
+                };
+                // Every busy agent's pod that still runs is marked (a finished one may be gone).
+                busy.iter().all(|agent| {
+                    pods.items.iter().all(|p| {
+                        let of_agent = p
+                            .metadata
+                            .annotations
+                            .as_ref()
+                            .and_then(|a| a.get("azp-autoscaler.dev/agent-name"))
+                            == Some(agent);
+                        let running =
+                            p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+                        !of_agent
+                            || !running
+                            || p.metadata
+                                .labels
+                                .as_ref()
+                                .and_then(|l| l.get("azp-autoscaler.dev/busy"))
+                                .is_some_and(|v| v == "true")
+                    })
+                })
+            })
+            .await?;
             let node = run.bed().node.as_ref().ok_or("no node")?;
             let report = node
                 .drain_until_empty(Duration::from_secs(1), Duration::from_secs(120))
@@ -818,7 +851,7 @@ async fn drive(run: &mut Run) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             node.uncordon().await.map_err(|e| e.to_string())?;
             run.notes.push(format!(
-                "drain: {} busy agents at the start ({}), {} pods evicted, {} evictions refused, {} pods left",
+                "drain: {} busy agents at the start ({}), {} pods evicted, {} evictions refused (after the client's own 429 retries), {} pods left",
                 busy.len(),
                 busy.join(", "),
                 report.evicted.len(),

@@ -1,3 +1,4 @@
-//! Subcommands that are more than wiring: `plan`.
+//! Subcommands that are more than wiring: `plan`, `drain`.
 
+pub mod drain;
 pub mod plan;

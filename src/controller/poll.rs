@@ -317,6 +317,13 @@ async fn poll_once(
     protect::mark_busy(
         ctx,
         &plan::protect::pods_to_protect(&ado_snapshot, &agent_pods),
+        true,
+    )
+    .await;
+    protect::mark_busy(
+        ctx,
+        &plan::protect::pods_to_release(&ado_snapshot, &agent_pods),
+        false,
     )
     .await;
     let (existing, stored) = apply::apply(ctx, &ado, pool_id, &plan, &by_ref).await;

@@ -32,23 +32,28 @@ pub fn budget_name(agentpool: &str) -> String {
 #[derive(Default)]
 pub struct Budgets(HashMap<plan::PoolRef, (Option<i64>, i32, Instant)>);
 
-/// Marks the pods whose agent holds a request busy (their AgentPool's budget then selects them). The
-/// cluster-autoscaler annotation is on every agent pod from its template already.
-pub async fn mark_busy(ctx: &Context, pods: &[&plan::protect::AgentPod]) {
+/// Marks the pods whose agent holds a request busy (their AgentPool's budget then selects them), or
+/// unmarks those whose agent's job is done. The cluster-autoscaler annotation is on every agent pod
+/// from its template already.
+pub async fn mark_busy(ctx: &Context, pods: &[&plan::protect::AgentPod], busy: bool) {
     for pod in pods {
         let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &pod.namespace);
-        let patch = serde_json::json!({"metadata": {"labels": {LABEL_BUSY: "true"}}});
+        let value = busy.then_some("true");
+        let patch = serde_json::json!({"metadata": {"labels": {LABEL_BUSY: value}}});
         match api
             .patch(&pod.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            Ok(_) => {
+            Ok(_) if busy => {
                 tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), agent = %pod.agent_name, "agent busy: pod protected from eviction")
+            }
+            Ok(_) => {
+                tracing::debug!(pod = %format!("{}/{}", pod.namespace, pod.name), agent = %pod.agent_name, "agent's job done: pod evictable again")
             }
             // Gone or going: nothing left to protect.
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => {
-                tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e, "marking the busy pod failed; retried next poll")
+                tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e, busy, "marking the pod failed; retried next poll")
             }
         }
     }

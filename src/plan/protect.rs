@@ -8,6 +8,8 @@
 //! - The budget's `minAvailable` is never below the number of busy pods it can select, so it allows
 //!   no disruption at all: `max(maxAgents, busy pods)` (unfinished Jobs never exceed `maxAgents`, so the
 //!   number is stable and the budget rarely changes).
+//! - When the agent holds no request any more (its one job is done, it only deregisters) the mark is
+//!   removed: the pod is evictable again, and a disruption then loses nothing.
 //! - A pod that was marked busy and carries the `DisruptionTarget` condition (eviction, preemption,
 //!   node deletion, node shutdown, taint eviction) ended its job early: a **job lost to eviction**,
 //!   counted once per pod.
@@ -54,6 +56,17 @@ pub fn pods_to_protect<'a>(ado: &AdoSnapshot, pods: &'a [AgentPod]) -> Vec<&'a A
     pods.iter()
         .filter(|p| !p.marked_busy && !p.ended && p.disruption.is_none())
         .filter(|p| holding.contains(&p.agent_name.to_lowercase()))
+        .collect()
+}
+
+/// The pods to unmark now: marked busy, still running, and their agent holds no request any more (its
+/// one job is done; it only deregisters). The request list names every unfinished request with its
+/// agent, so a running job always shows as held.
+pub fn pods_to_release<'a>(ado: &AdoSnapshot, pods: &'a [AgentPod]) -> Vec<&'a AgentPod> {
+    let holding = agents_holding_requests(ado);
+    pods.iter()
+        .filter(|p| p.marked_busy && !p.ended && p.disruption.is_none())
+        .filter(|p| !holding.contains(&p.agent_name.to_lowercase()))
         .collect()
 }
 
@@ -218,6 +231,77 @@ mod tests {
                 c.protect,
                 "{}",
                 c.what
+            );
+        }
+    }
+
+    #[test]
+    fn which_pods_are_released() {
+        let marked = AgentPod {
+            marked_busy: true,
+            ..pod("p", "a-1")
+        };
+        let ado = |requests: Vec<JobRequest>, agents: Vec<Agent>| AdoSnapshot {
+            ado_pool: "linux".into(),
+            requests,
+            agents,
+            parallel_jobs: None,
+        };
+        for (what, snapshot, pod, release) in [
+            (
+                "its job is done (the request left the list of unfinished ones)",
+                ado(vec![], vec![agent("a-1", None)]),
+                marked.clone(),
+                true,
+            ),
+            (
+                "its job finished (listed with a result)",
+                ado(vec![request(1, Some("a-1"), Some("succeeded"))], vec![]),
+                marked.clone(),
+                true,
+            ),
+            (
+                "still running its job",
+                ado(vec![request(1, Some("a-1"), None)], vec![]),
+                marked.clone(),
+                false,
+            ),
+            (
+                "assigned per the agents list",
+                ado(vec![], vec![agent("a-1", Some(1))]),
+                marked.clone(),
+                false,
+            ),
+            (
+                "not marked: nothing to release",
+                ado(vec![], vec![]),
+                pod("p", "a-1"),
+                false,
+            ),
+            (
+                "ended: nothing to write",
+                ado(vec![], vec![]),
+                AgentPod {
+                    ended: true,
+                    ..marked.clone()
+                },
+                false,
+            ),
+            (
+                "disrupted: the mark stays, so the loss is counted",
+                ado(vec![], vec![]),
+                AgentPod {
+                    disruption: Some("DeletionByPodGC".into()),
+                    ..marked.clone()
+                },
+                false,
+            ),
+        ] {
+            let pods = [pod];
+            assert_eq!(
+                !pods_to_release(&snapshot, &pods).is_empty(),
+                release,
+                "{what}"
             );
         }
     }
