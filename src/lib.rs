@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod ado;
 pub mod agent;
+pub mod agent_files;
 pub mod cli;
 pub mod controller;
 pub mod hooks;

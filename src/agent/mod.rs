@@ -131,6 +131,17 @@ pub struct AgentArgs {
     )]
     pub capabilities: Option<String>,
 
+    /// Folder holding the agent's `.agent`, `.credentials` and `.credentials_rsaparams`, written by the
+    /// controller (`registration: controller`; it sets this): the listener starts from them, and the
+    /// entrypoint neither registers nor deregisters (the pod holds no identity).
+    #[arg(
+        long,
+        env = "AZP_AGENT_FILES",
+        hide_env_values = true,
+        value_name = "DIR"
+    )]
+    pub agent_files: Option<String>,
+
     /// Exit-code, timing and logging options.
     #[command(flatten)]
     pub tuning: Box<AgentTuning>,
@@ -211,6 +222,35 @@ pub async fn entrypoint(args: AgentArgs) -> ExitCode {
     ExitCode::from(exit.code())
 }
 
+/// The ADO side of a pod without identity (`registration: controller`): nothing can be asked of ADO.
+struct NoIdentity;
+
+impl AdoOps for NoIdentity {
+    async fn fresh_token(&self) -> Result<Secret, OpsError> {
+        Err(NoIdentity::error())
+    }
+    async fn delete_agent(&self, _agent: AgentRef) -> Result<Removal, OpsError> {
+        Err(NoIdentity::error())
+    }
+    async fn find_agent(&self, _pool: &str, _name: &str) -> Result<Option<AgentRef>, OpsError> {
+        Err(NoIdentity::error())
+    }
+    async fn diagnose_registration(&self, _pool: &str) -> Option<OpsError> {
+        None
+    }
+}
+
+impl NoIdentity {
+    fn error() -> OpsError {
+        OpsError {
+            kind: OpsKind::Identity,
+            transient: false,
+            label: "no_identity",
+            message: "this pod has no identity (registration: controller): the controller registers and removes the agent".to_owned(),
+        }
+    }
+}
+
 async fn run(args: AgentArgs, term: Termination) -> Exit {
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
     let settings = match Settings::resolve(&args, &cwd) {
@@ -220,6 +260,25 @@ async fn run(args: AgentArgs, term: Termination) -> Exit {
             return Exit::Config;
         }
     };
+    if let Some(files) = &settings.agent_files {
+        tracing::info!(
+            pool = %settings.pool,
+            agent = %settings.agent_name,
+            agent_dir = %settings.agent_dir.display(),
+            files = %files.display(),
+            "agent entrypoint starting with the agent files the controller registered (no identity in this pod)"
+        );
+        if let Err(e) = agent_file::install_agent_files(files, &settings.agent_dir, &settings.work)
+        {
+            tracing::error!("{e}");
+            return Exit::Config;
+        }
+        let child_env = env::child_env(std::env::vars_os(), &settings.capabilities);
+        return Runner::new(&settings, &NoIdentity, term, child_env)
+            .run_preregistered()
+            .await
+            .exit();
+    }
     let tokens = match &settings.auth {
         AuthMode::WorkloadIdentity => match TokenSource::workload_identity_from_env(None) {
             Ok(t) => t,

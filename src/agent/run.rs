@@ -191,6 +191,46 @@ impl<'a, A: AdoOps> Runner<'a, A> {
         outcome
     }
 
+    /// Runs the listener once from agent files already in the agent folder (`registration: controller`):
+    /// no token, no registration, no deregistration — the controller registered the agent and removes
+    /// it when the Job ends. Exit codes as in [`Runner::run`]; a listener that stops on its own before a
+    /// job is a failure (13), since only the controller can have removed the agent and it deletes the
+    /// Job first (the pod is then terminated, which is no failure).
+    pub async fn run_preregistered(mut self) -> Outcome {
+        let mut outcome = Outcome {
+            exit_with_job_result: self.settings.exit_with_job_result,
+            ..Outcome::default()
+        };
+        let watch = Arc::new(JobWatch::default());
+        let report = self.listen(watch.clone()).await;
+        outcome.terminated = report.terminated;
+        outcome.job_started = watch.job_started();
+        outcome.job_result = watch.result();
+        let code = report.status.and_then(|s| s.code());
+        if let Some(err) = &report.spawn_error {
+            tracing::error!("cannot start the listener: {err}");
+            outcome.agent_failed = true;
+        } else if let Some(status) = report
+            .status
+            .filter(|_| !report.terminated && code != Some(0))
+        {
+            tracing::error!(
+                "the listener stopped on its own ({}){}",
+                describe(&status),
+                if outcome.job_started {
+                    " while running its job"
+                } else {
+                    " before taking a job"
+                }
+            );
+            outcome.agent_failed = true;
+        }
+        tracing::info!(
+            "the controller removes the agent from the pool now that its one job is over (this pod holds no identity)"
+        );
+        outcome
+    }
+
     /// Sleeps `delay` unless a termination request comes first (then returns `false`).
     async fn pause(&mut self, delay: Duration) -> bool {
         tokio::select! {

@@ -101,6 +101,7 @@ impl Dir {
             listener_grace: Duration::from_secs(10),
             deregister_timeout: Duration::from_secs(5),
             capabilities: BTreeMap::new(),
+            agent_files: None,
         }
     }
 }
@@ -524,4 +525,58 @@ async fn sigterm_while_config_sh_runs_stops_it_and_registers_nothing_more() {
         1,
         "no retry after the signal"
     );
+}
+
+async fn run_preregistered(settings: Settings, ado: &FakeAdo, term: Termination) -> super::Outcome {
+    let env = super::env::child_env(parent_env(), &BTreeMap::new());
+    Runner::new(&settings, ado, term, env)
+        .run_preregistered()
+        .await
+}
+
+#[tokio::test]
+async fn preregistered_agent_runs_once_without_config_sh_or_any_ado_call() {
+    let dir = Dir::new();
+    dir.write("job", "0");
+    dir.write("job.result", "Failed");
+    let ado = FakeAdo::default();
+    let mut settings = dir.settings();
+    settings.exit_with_job_result = true;
+    let outcome = run_preregistered(settings, &ado, Termination::never()).await;
+    assert_eq!(outcome.exit(), Exit::JobFailed, "{outcome:?}");
+    assert_eq!(dir.read("calls.log"), "", "config.sh never runs");
+    assert_eq!(
+        *ado.token_calls.lock().unwrap(),
+        0,
+        "no token: the pod has none"
+    );
+    assert!(
+        ado.deleted.lock().unwrap().is_empty(),
+        "the controller deregisters"
+    );
+    assert_eq!(dir.read("listener.argv").trim(), "run --once");
+}
+
+#[tokio::test]
+async fn preregistered_listener_failing_on_its_own_exits_13_and_sigterm_while_busy_14() {
+    let dir = Dir::new();
+    dir.write("listener.code", "3");
+    let ado = FakeAdo::default();
+    let outcome = run_preregistered(dir.settings(), &ado, Termination::never()).await;
+    assert_eq!(outcome.exit(), Exit::Agent, "{outcome:?}");
+
+    let dir = Dir::new();
+    dir.write("job", "30");
+    let (trigger, term) = Termination::manual();
+    let settings = dir.settings();
+    let run = run_preregistered(settings, &ado, term);
+    let kill = async {
+        wait_for(|| dir.read("listener.env").contains("PATH")).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        trigger.send(Some(Signal::SIGTERM)).unwrap();
+    };
+    let (outcome, ()) = tokio::join!(run, kill);
+    assert_eq!(outcome.exit(), Exit::Interrupted, "{outcome:?}");
+    assert_eq!(outcome.job_result, Some(JobResult::Canceled));
+    assert!(ado.deleted.lock().unwrap().is_empty());
 }

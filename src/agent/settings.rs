@@ -46,6 +46,10 @@ pub struct Settings {
     /// Capabilities to advertise (`AZP_CAPABILITIES`): exported into the agent's environment, which the
     /// agent reports as capabilities.
     pub capabilities: BTreeMap<String, String>,
+    /// `registration: controller`: the folder holding the agent's files the controller wrote (the
+    /// mounted Secret). The entrypoint copies them and only runs the listener: it holds no identity, so
+    /// it neither registers nor deregisters.
+    pub agent_files: Option<PathBuf>,
 }
 
 /// Default for [`Settings::register_timeout`].
@@ -334,6 +338,21 @@ impl Settings {
             &mut problems,
         );
 
+        let agent_files = present(&args.agent_files).map(|d| cwd.join(d));
+        if let Some(dir) = &agent_files {
+            let missing: Vec<&str> = crate::agent_files::FILES
+                .into_iter()
+                .filter(|f| !dir.join(f).is_file())
+                .collect();
+            if !missing.is_empty() {
+                problems.push(format!(
+                    "AZP_AGENT_FILES (or --agent-files) is `{}`, which has no {}: the controller writes the agent's files into the agent Job's Secret (registration: controller); check that the Secret `<job>-agent` exists and is mounted there",
+                    dir.display(),
+                    missing.join(", ")
+                ));
+            }
+        }
+
         let capabilities = parse_capabilities(&args.capabilities, &mut problems);
         if log_format(args).is_none() {
             problems.push(format!(
@@ -356,6 +375,7 @@ impl Settings {
                     listener_grace,
                     deregister_timeout,
                     capabilities,
+                    agent_files,
                 })
             }
             _ => Err(SettingsError { problems }),
@@ -409,6 +429,34 @@ mod tests {
         assert_eq!(s.auth, AuthMode::WorkloadIdentity);
         assert!(!s.exit_with_job_result);
         assert_eq!(s.listener_grace, DEFAULT_LISTENER_GRACE);
+    }
+
+    #[test]
+    fn agent_files_must_hold_the_three_files() {
+        let dir = agent_dir();
+        let files = dir.path().join("files");
+        std::fs::create_dir_all(&files).unwrap();
+        std::fs::write(files.join(".agent"), "{}").unwrap();
+        let with_files = AgentArgs {
+            agent_files: Some("files".into()),
+            ..args()
+        };
+        let err = Settings::resolve(&with_files, dir.path()).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("AZP_AGENT_FILES"), "{text}");
+        assert!(
+            text.contains(".credentials, .credentials_rsaparams"),
+            "{text}"
+        );
+        assert!(!text.contains("no .agent"), "{text}");
+        std::fs::write(files.join(".credentials"), "{}").unwrap();
+        std::fs::write(files.join(".credentials_rsaparams"), "{}").unwrap();
+        let s = Settings::resolve(&with_files, dir.path()).unwrap();
+        assert_eq!(s.agent_files, Some(files));
+        assert_eq!(
+            Settings::resolve(&args(), dir.path()).unwrap().agent_files,
+            None
+        );
     }
 
     #[test]

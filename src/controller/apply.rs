@@ -12,21 +12,23 @@ use kube::{Api, Resource};
 
 use super::{Context, snapshot};
 use crate::ado::{AdoClient, AgentQuery, AgentUpdate};
-use crate::k8s::crd::AgentPool;
+use crate::k8s::crd::{AgentPool, Registration};
 use crate::k8s::job::{self, AgentJob};
 use crate::metrics::{CleanupLabels, ErrorLabels, PoolLabels};
 use crate::plan::{self, Action};
 
 /// Applies every action of the plan. Errors are counted and logged per action; one failed action never
 /// stops the others. Returns the agent Jobs that exist now because of the creations (created, or found
-/// already there): the caller counts them until its watch cache shows them.
+/// already there): the caller counts them until its watch cache shows them; and the agent Jobs
+/// (`namespace/name`) of `registration: controller` whose agent this call registered and whose Secret it
+/// wrote.
 pub(crate) async fn apply(
     ctx: &Context,
     ado: &AdoClient,
     pool_id: i32,
     plan: &plan::Plan,
     pools: &BTreeMap<plan::PoolRef, Arc<AgentPool>>,
-) -> Vec<Job> {
+) -> (Vec<Job>, Vec<String>) {
     let creates: Vec<Action> = plan
         .actions
         .iter()
@@ -37,7 +39,7 @@ pub(crate) async fn apply(
         .map(|action: Action| async move {
             let pool_ref = action.agent_pool().clone();
             let result = match pools.get(&pool_ref) {
-                Some(pool) => create(ctx, pool, &action, &plan.ado_pool).await,
+                Some(pool) => create(ctx, ado, pool_id, pool, &action, &plan.ado_pool).await,
                 None => Err(format!("AgentPool {pool_ref} vanished")),
             };
             (pool_ref, result)
@@ -48,11 +50,13 @@ pub(crate) async fn apply(
 
     let mut created: BTreeMap<plan::PoolRef, u32> = BTreeMap::new();
     let mut existing = Vec::new();
+    let mut files_stored = Vec::new();
     for (pool_ref, result) in results {
         match result {
-            Ok(Created::New(job)) => {
+            Ok(Created::New(job, stored)) => {
                 *created.entry(pool_ref).or_default() += 1;
                 existing.push(*job);
+                files_stored.extend(stored);
             }
             Ok(Created::Existed(job)) => existing.extend(job.map(|j| *j)),
             Ok(Created::Nothing) => {}
@@ -141,21 +145,26 @@ pub(crate) async fn apply(
             }
         }
     }
-    existing
+    (existing, files_stored)
 }
 
-/// Creates one agent Job. `Ok(false)`: it already existed (409: another poll or replica made it).
 /// What a creation found.
 enum Created {
-    New(Box<Job>),
+    /// Created now; for `registration: controller`, `Some(namespace/name)` when its agent was registered
+    /// and its Secret written too (a failure there is retried by the next poll).
+    New(Box<Job>, Option<String>),
     /// The Job existed already (409): read back so it counts even if the cache lacks it; `None` when
     /// that read failed too.
     Existed(Option<Box<Job>>),
     Nothing,
 }
 
+/// Creates one agent Job (and, for `registration: controller`, registers its agent and writes its
+/// Secret).
 async fn create(
     ctx: &Context,
+    ado: &AdoClient,
+    pool_id: i32,
     pool: &AgentPool,
     action: &Action,
     ado_pool: &str,
@@ -193,12 +202,45 @@ async fn create(
                 ado_pool: ado_pool.to_owned(),
             };
             ctx.metrics.jobs_created.get_or_create(&labels).inc();
-            Ok(Created::New(Box::new(created)))
+            let stored = pool.spec.registration == Registration::Controller
+                && register_for_job(ctx, ado, pool_id, pool, &created).await;
+            Ok(Created::New(
+                Box::new(created),
+                stored.then(|| format!("{}/{job_name}", agent_pool.namespace)),
+            ))
         }
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(Created::Existed(
             api.get_opt(job_name).await.ok().flatten().map(Box::new),
         )),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Registers the agent of a `registration: controller` Job and writes its Secret; a failure is logged
+/// and counted (the next poll retries: see [`super::registration`]).
+pub(crate) async fn register_for_job(
+    ctx: &Context,
+    ado: &AdoClient,
+    pool_id: i32,
+    pool: &AgentPool,
+    job: &Job,
+) -> bool {
+    match super::registration::register(&ctx.client, &ctx.cluster_id, ado, pool_id, pool, job).await
+    {
+        Ok(()) => true,
+        Err(e) => {
+            let job_name = job.metadata.name.as_deref().unwrap_or_default();
+            tracing::warn!(job = %job_name, error = %e, "registering the agent of a Job failed; retried next poll");
+            ctx.metrics
+                .reconcile_errors
+                .get_or_create(&ErrorLabels {
+                    namespace: pool.metadata.namespace.clone().unwrap_or_default(),
+                    agentpool: pool.metadata.name.clone().unwrap_or_default(),
+                    error: e.metric_label(),
+                })
+                .inc();
+            false
+        }
     }
 }
 

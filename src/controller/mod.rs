@@ -12,6 +12,7 @@
 
 pub mod allow;
 pub mod placeholder;
+pub mod registration;
 pub mod snapshot;
 
 mod apply;

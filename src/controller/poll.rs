@@ -9,13 +9,14 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 
 use super::{
-    Context, GroupKey, apply, finalizer, group_key, placeholder, protect, snapshot, status,
+    Context, GroupKey, apply, finalizer, group_key, placeholder, protect, registration, snapshot,
+    status,
 };
 use crate::ado::models::{ResourceUsage, TaskAgent};
 use crate::ado::{
     AdoClient, AdoError, AdoObserver, AgentQuery, TokenSource, WorkloadIdentityConfig,
 };
-use crate::k8s::crd::AgentPool;
+use crate::k8s::crd::{AgentPool, Registration};
 use crate::k8s::job::{self, LABEL_AGENTPOOL};
 use crate::metrics::{ErrorLabels, OrgLabels};
 use crate::plan;
@@ -85,6 +86,9 @@ struct GroupState {
     expected: snapshot::ExpectedJobs,
     /// Our agents seen registered in an earlier agents list (see [`snapshot::AgentsSeen::with_deregistered`]).
     registered_before: HashSet<String>,
+    /// `registration: controller` agent Jobs (`namespace/name`) whose agent is registered and whose
+    /// Secret exists (written or seen by this process); the others are checked once and repaired.
+    files_stored: HashSet<String>,
 }
 
 impl GroupState {
@@ -359,9 +363,11 @@ async fn poll_once(
         false,
     )
     .await;
-    for job in apply::apply(ctx, &ado, pool_id, &plan, &by_ref).await {
+    let (existing, stored) = apply::apply(ctx, &ado, pool_id, &plan, &by_ref).await;
+    for job in existing {
         state.expected.insert(job, planned_at);
     }
+    ensure_agent_files(ctx, &ado, pool_id, &valid, stored, state).await;
     let gone = apply::remove_orphans(ctx, &ado, pool_id, &plan, &cleanup.remove, &by_ref).await;
     state.agents.retain(|a| !gone.contains(&a.id));
     for pool in draining {
@@ -458,6 +464,60 @@ async fn ensure_placeholder(
     Ok(())
 }
 
+/// Every unfinished `registration: controller` agent Job must have its agent registered and its Secret:
+/// a Job whose registration failed, or whose controller stopped between creating it and writing the
+/// Secret, is repaired here (its pod waits for the Secret meanwhile). A Job this process has not seen
+/// with its Secret costs one `get`; the Jobs it knows (`fresh`: written by this poll) cost nothing.
+async fn ensure_agent_files(
+    ctx: &Context,
+    ado: &AdoClient,
+    pool_id: i32,
+    members: &[Arc<AgentPool>],
+    fresh: Vec<String>,
+    state: &mut GroupState,
+) {
+    let controller_pools: HashMap<(String, String), &Arc<AgentPool>> = members
+        .iter()
+        .filter(|p| p.spec.registration == Registration::Controller)
+        .filter_map(|p| Some(((p.metadata.namespace.clone()?, p.metadata.name.clone()?), p)))
+        .collect();
+    let pool_keys: HashSet<(String, String)> = controller_pools.keys().cloned().collect();
+    state.files_stored.extend(fresh.iter().cloned());
+    let mut alive: HashSet<String> = fresh.into_iter().collect();
+    for job in ctx.jobs.state() {
+        let Some((key, pool_key)) = registration::wants_agent_files(&job, &pool_keys) else {
+            continue;
+        };
+        let Some(pool) = controller_pools.get(&pool_key) else {
+            continue;
+        };
+        alive.insert(key.clone());
+        if state.files_stored.contains(&key) {
+            continue;
+        }
+        let (ns, name) = (
+            &pool_key.0,
+            job.metadata.name.as_deref().unwrap_or_default(),
+        );
+        match registration::secret_exists(&ctx.client, ns, name).await {
+            Ok(true) => {
+                state.files_stored.insert(key);
+            }
+            Ok(false) => {
+                tracing::info!(job = %key, "agent Job without its agent files: registering its agent");
+                if apply::register_for_job(ctx, ado, pool_id, pool, &job).await {
+                    state.files_stored.insert(key);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(job = %key, error = %e, "cannot check the agent Job's Secret; retried next poll")
+            }
+        }
+    }
+    // Forget Jobs that finished or are gone: the set stays as small as the running agents.
+    state.files_stored.retain(|k| alive.contains(k));
+}
+
 /// Which agents cleanup may act on: those whose owner capability names this cluster and one of the
 /// group's (valid) AgentPools; their placeholders are protected by name as well as by mark.
 fn owner_scope(ctx: &Context, members: &[Arc<AgentPool>]) -> plan::OwnerScope {
@@ -479,6 +539,9 @@ fn owner_scope(ctx: &Context, members: &[Arc<AgentPool>]) -> plan::OwnerScope {
             &pool_ref.namespace,
             &pool_ref.name,
         ));
+        if pool.spec.registration == Registration::Controller {
+            scope.controller_registered.insert(pool_ref.clone());
+        }
         if pool.spec.paused {
             scope.paused.insert(pool_ref);
         }

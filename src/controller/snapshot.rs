@@ -169,6 +169,9 @@ pub struct AgentsSeen<'a> {
     /// Agents that already completed a request: a run-once agent never takes another, so its Job is
     /// finished even while its pod is still deregistering (it must not count as an idle agent).
     pub completed: HashSet<&'a str>,
+    /// Agents whose listener connected (online) or that hold a request. A controller-registered agent
+    /// exists in ADO before its pod starts: only this says that its pod got going.
+    pub started: HashSet<&'a str>,
 }
 
 impl<'a> AgentsSeen<'a> {
@@ -179,6 +182,13 @@ impl<'a> AgentsSeen<'a> {
             completed: agents
                 .iter()
                 .filter(|a| a.last_completed_request.is_some())
+                .map(|a| a.name.as_str())
+                .collect(),
+            started: agents
+                .iter()
+                .filter(|a| {
+                    a.status == Some(models::AgentStatus::Online) || a.assigned_request.is_some()
+                })
                 .map(|a| a.name.as_str())
                 .collect(),
         }
@@ -290,11 +300,21 @@ pub fn agent_job(job: &Job, pods: &[&Pod], seen: &AgentsSeen<'_>) -> Option<plan
         })
         .collect();
     let pod_started = own_pods.iter().any(|p| pod_started(p));
+    // The controller registered its agent before the pod started: being registered says nothing yet.
+    let controller_registered = meta
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(crate::k8s::job::ANNOTATION_AGENT_SECRET));
+    let agent_up = if controller_registered {
+        &seen.started
+    } else {
+        &seen.registered
+    };
     let pod_terminated = !own_pods.is_empty() && own_pods.iter().all(|p| pod_terminated(p));
     let phase =
         if job_finished(job) || pod_terminated || seen.completed.contains(agent_name.as_str()) {
             plan::JobPhase::Finished
-        } else if seen.registered.contains(agent_name.as_str()) {
+        } else if agent_up.contains(agent_name.as_str()) {
             plan::JobPhase::Running
         } else {
             plan::JobPhase::Starting
@@ -408,10 +428,39 @@ mod tests {
     #[test]
     fn job_phase_table() {
         let seen = AgentsSeen {
-            registered: HashSet::from(["linux-r2-a1-abcd1234", "linux-r5-a1-abcd1234"]),
+            registered: HashSet::from([
+                "linux-r2-a1-abcd1234",
+                "linux-r5-a1-abcd1234",
+                "linux-r8-a1-abcd1234",
+                "linux-r9-a1-abcd1234",
+            ]),
             completed: HashSet::from(["linux-r5-a1-abcd1234"]),
+            started: HashSet::from(["linux-r9-a1-abcd1234"]),
+        };
+        let controller_registered = |mut j: Job| {
+            j.metadata.annotations.as_mut().unwrap().insert(
+                crate::k8s::job::ANNOTATION_AGENT_SECRET.to_owned(),
+                "x-agent".to_owned(),
+            );
+            j
         };
         let cases = [
+            // Registered by the controller before its pod ran: starting until its listener connects.
+            (
+                controller_registered(job("linux-r8-a1", Some(8), 1)),
+                plan::JobPhase::Starting,
+            ),
+            (
+                controller_registered(job("linux-r9-a1", Some(9), 1)),
+                plan::JobPhase::Running,
+            ),
+            (
+                finished(
+                    controller_registered(job("linux-r9-a1", Some(9), 1)),
+                    "Failed",
+                ),
+                plan::JobPhase::Finished,
+            ),
             (job("linux-r1-a1", Some(1), 1), plan::JobPhase::Starting),
             (job("linux-r2-a1", Some(2), 1), plan::JobPhase::Running),
             (

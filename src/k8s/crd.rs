@@ -58,6 +58,14 @@ pub struct AgentPoolSpec {
     #[serde(default)]
     pub auth: AgentPoolAuth,
 
+    /// Who registers each agent in ADO. `agent` (default): the agent pod, with its own workload identity (or
+    /// PAT), registers and deregisters itself. `controller`: the controller registers each agent through
+    /// the REST API and hands the pod only the agent's own key and settings in a Secret owned by the agent
+    /// Job; the pod gets no identity at all (no workload-identity label, no service-account token, no
+    /// `AZURE_*` env), and the controller deletes the agent when its Job ends.
+    #[serde(default)]
+    pub registration: Registration,
+
     /// Capabilities every agent of this template offers (user capabilities, matched against the demands of
     /// waiting requests; names and values compare case-insensitively, as ADO does). They are injected into
     /// the agent container so the live agent advertises exactly what routing assumed.
@@ -114,6 +122,19 @@ pub struct AgentPoolSpec {
     /// Pod template of the agent Jobs. `restartPolicy` is forced to `Never`.
     #[x_kube(validation = Rule::new("self.spec.containers.size() >= 1").message("spec.template.spec.containers needs the agent container"))]
     pub template: PodTemplateSpec,
+}
+
+/// Who registers the agents of an AgentPool in ADO.
+#[derive(
+    schemars::JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum Registration {
+    /// The agent pod registers and deregisters itself with its own identity (the default).
+    #[default]
+    Agent,
+    /// The controller registers each agent and the pod holds no identity (credential-free agent pods).
+    Controller,
 }
 
 /// Authentication to Azure DevOps: exactly one of the two modes.

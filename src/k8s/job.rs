@@ -10,10 +10,12 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
-use k8s_openapi::api::core::v1::{EnvVar, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{
+    EnvVar, PodTemplateSpec, SecretVolumeSource, Volume, VolumeMount,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::crd::AgentPool;
+use super::crd::{AgentPool, Registration};
 
 /// Label on every object we create: who manages it.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "azp-autoscaler");
@@ -27,6 +29,15 @@ pub const ANNOTATION_ATTEMPT: &str = "azp-autoscaler.dev/attempt";
 pub const ANNOTATION_AGENT_NAME: &str = "azp-autoscaler.dev/agent-name";
 /// Annotation: the ADO pool.
 pub const ANNOTATION_ADO_POOL: &str = "azp-autoscaler.dev/ado-pool";
+/// Annotation on agent Jobs of `registration: controller`: the Secret holding the agent's files.
+pub const ANNOTATION_AGENT_SECRET: &str = "azp-autoscaler.dev/agent-secret";
+/// Where the agent's files (`.agent`, `.credentials`, `.credentials_rsaparams`) are mounted in
+/// `registration: controller` pods.
+pub const AGENT_FILES_MOUNT: &str = "/var/run/azp-autoscaler/agent";
+/// Name of that volume.
+pub const AGENT_FILES_VOLUME: &str = "azp-agent-files";
+/// The pod label that asks the workload-identity webhook for a token file.
+pub const WORKLOAD_IDENTITY_LABEL: &str = "azure.workload.identity/use";
 /// Pod label the controller sets while the pod's agent holds a request: the AgentPool's
 /// PodDisruptionBudget selects exactly these pods and allows no eviction of them.
 pub const LABEL_BUSY: &str = "azp-autoscaler.dev/busy";
@@ -43,6 +54,14 @@ pub mod env {
     pub const CAPABILITIES: &str = "AZP_CAPABILITIES";
     /// Client id override for workload identity.
     pub const CLIENT_ID: &str = "AZURE_CLIENT_ID";
+    /// Folder holding the agent's files written by the controller (`registration: controller`): the
+    /// entrypoint starts the listener from them and neither registers nor deregisters.
+    pub const AGENT_FILES: &str = "AZP_AGENT_FILES";
+}
+
+/// The Secret holding the agent files of the agent Job `job_name` (`registration: controller`).
+pub fn agent_secret_name(job_name: &str) -> String {
+    format!("{job_name}-agent")
 }
 
 /// The capability that marks an agent as ours: `<cluster id>/<namespace>/<agentpool>`.
@@ -137,13 +156,21 @@ pub fn build(pool: &AgentPool, job: &AgentJob<'_>) -> Result<Job, BuildError> {
     if let Some(id) = job.request_id {
         annotations.insert(ANNOTATION_REQUEST.to_owned(), id.to_string());
     }
+    let secret_name = agent_secret_name(job.job_name);
+    if spec.registration == Registration::Controller {
+        annotations.insert(ANNOTATION_AGENT_SECRET.to_owned(), secret_name.clone());
+    }
 
     let mut template: PodTemplateSpec = spec.template.clone();
     let meta = template.metadata.get_or_insert_with(ObjectMeta::default);
     let pod_labels = meta.labels.get_or_insert_with(BTreeMap::new);
     pod_labels.extend(labels.clone());
-    if spec.auth.workload_identity.is_some() {
-        pod_labels.insert("azure.workload.identity/use".to_owned(), "true".to_owned());
+    let controller_registers = spec.registration == Registration::Controller;
+    if controller_registers {
+        // No identity in the pod: the webhook must not project a token file, whatever the template says.
+        pod_labels.remove(WORKLOAD_IDENTITY_LABEL);
+    } else if spec.auth.workload_identity.is_some() {
+        pod_labels.insert(WORKLOAD_IDENTITY_LABEL.to_owned(), "true".to_owned());
     }
     let pod_annotations = meta.annotations.get_or_insert_with(BTreeMap::new);
     pod_annotations.extend(annotations.clone());
@@ -184,7 +211,47 @@ pub fn build(pool: &AgentPool, job: &AgentJob<'_>) -> Result<Job, BuildError> {
         value: Some(value),
         value_from: None,
     }));
-    if let Some(client_id) = spec
+    if controller_registers {
+        // No identity at all: no Azure identity settings, the agent's own files instead.
+        envs.retain(|e| !e.name.starts_with("AZURE_") && e.name != env::AGENT_FILES);
+        envs.push(EnvVar {
+            name: env::AGENT_FILES.to_owned(),
+            value: Some(AGENT_FILES_MOUNT.to_owned()),
+            value_from: None,
+        });
+        let mounts = container.volume_mounts.get_or_insert_with(Vec::new);
+        mounts.retain(|m| m.name != AGENT_FILES_VOLUME && m.mount_path != AGENT_FILES_MOUNT);
+        mounts.push(VolumeMount {
+            name: AGENT_FILES_VOLUME.to_owned(),
+            mount_path: AGENT_FILES_MOUNT.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        // Every container of the pod, init containers included: none gets an API token or Azure env.
+        for c in pod
+            .containers
+            .iter_mut()
+            .chain(pod.init_containers.iter_mut().flatten())
+        {
+            if let Some(envs) = c.env.as_mut() {
+                envs.retain(|e| !e.name.starts_with("AZURE_"));
+            }
+        }
+        pod.automount_service_account_token = Some(false);
+        let volumes = pod.volumes.get_or_insert_with(Vec::new);
+        volumes.retain(|v| v.name != AGENT_FILES_VOLUME);
+        volumes.push(Volume {
+            name: AGENT_FILES_VOLUME.to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret_name),
+                // Owner read/write only, as the agent keeps its key file.
+                default_mode: Some(0o600),
+                optional: Some(false),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    } else if let Some(client_id) = spec
         .auth
         .workload_identity
         .as_ref()
@@ -240,6 +307,7 @@ mod tests {
                     }),
                     pat: None,
                 },
+                registration: Registration::Agent,
                 capabilities: BTreeMap::from([("docker".into(), "true".into())]),
                 agent_version: "4.261.0".into(),
                 min_idle: 0,
@@ -347,6 +415,118 @@ mod tests {
         assert!(
             j.metadata.owner_references.is_none(),
             "no cascade from the AgentPool may reach a busy agent pod"
+        );
+    }
+
+    #[test]
+    fn controller_registration_gives_the_pod_no_identity_and_the_agent_files() {
+        let mut p = pool("agent");
+        p.spec.registration = Registration::Controller;
+        // A template that asks for an identity anyway: every trace of it is taken out.
+        let tpl = &mut p.spec.template;
+        tpl.metadata = Some(ObjectMeta {
+            labels: Some(BTreeMap::from([(
+                WORKLOAD_IDENTITY_LABEL.to_owned(),
+                "true".to_owned(),
+            )])),
+            ..ObjectMeta::default()
+        });
+        let pod_spec = tpl.spec.as_mut().unwrap();
+        pod_spec.automount_service_account_token = Some(true);
+        pod_spec.containers[0].env.as_mut().unwrap().extend([
+            EnvVar {
+                name: "AZURE_FEDERATED_TOKEN_FILE".into(),
+                value: Some("/var/run/secrets/azure/tokens/azure-identity-token".into()),
+                value_from: None,
+            },
+            EnvVar {
+                name: "KEEP_ME".into(),
+                value: Some("1".into()),
+                value_from: None,
+            },
+        ]);
+        pod_spec.containers.push(Container {
+            name: "sidecar".into(),
+            env: Some(vec![EnvVar {
+                name: "AZURE_CLIENT_ID".into(),
+                value: Some("x".into()),
+                value_from: None,
+            }]),
+            ..Container::default()
+        });
+
+        let j = build(&p, &job()).unwrap();
+        let spec = j.spec.as_ref().unwrap();
+        let pod = spec.template.spec.as_ref().unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap();
+        assert!(!labels.contains_key(WORKLOAD_IDENTITY_LABEL), "{labels:?}");
+        for c in &pod.containers {
+            for e in c.env.iter().flatten() {
+                assert!(!e.name.starts_with("AZURE_"), "{}: {}", c.name, e.name);
+            }
+        }
+        assert_eq!(env_of(&j, "KEEP_ME").as_deref(), Some("1"));
+        assert_eq!(
+            env_of(&j, env::AGENT_FILES).as_deref(),
+            Some(AGENT_FILES_MOUNT)
+        );
+        // The settings the entrypoint checks are still there (the capabilities go to the listener).
+        assert_eq!(env_of(&j, "AZP_POOL").as_deref(), Some("Default"));
+
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == AGENT_FILES_VOLUME)
+            .expect("agent files volume");
+        let secret = volume.secret.as_ref().expect("a Secret volume");
+        assert_eq!(secret.secret_name.as_deref(), Some("linux-r42-a1-agent"));
+        assert_eq!(secret.default_mode, Some(0o600));
+        assert_eq!(secret.optional, Some(false));
+        let mount = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == AGENT_FILES_VOLUME)
+            .expect("mounted in the agent container");
+        assert_eq!(mount.mount_path, AGENT_FILES_MOUNT);
+        assert_eq!(mount.read_only, Some(true));
+        assert_eq!(
+            j.metadata
+                .annotations
+                .as_ref()
+                .unwrap()
+                .get(ANNOTATION_AGENT_SECRET)
+                .map(String::as_str),
+            Some("linux-r42-a1-agent")
+        );
+    }
+
+    #[test]
+    fn agent_registration_mounts_no_agent_files() {
+        let j = build(&pool("agent"), &job()).unwrap();
+        let pod = j.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert!(
+            pod.volumes
+                .iter()
+                .flatten()
+                .all(|v| v.name != AGENT_FILES_VOLUME)
+        );
+        assert_eq!(env_of(&j, env::AGENT_FILES), None);
+        assert!(
+            !j.metadata
+                .annotations
+                .as_ref()
+                .unwrap()
+                .contains_key(ANNOTATION_AGENT_SECRET)
         );
     }
 

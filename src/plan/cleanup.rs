@@ -45,6 +45,9 @@ pub struct OwnerScope {
     pub placeholder_capability: String,
     /// Names of our placeholders (compared case-insensitively).
     pub placeholder_names: BTreeSet<String>,
+    /// AgentPools with `registration: controller`: their pods cannot deregister (they hold no
+    /// identity), so the controller does it as soon as the agent's Job is finished, without grace.
+    pub controller_registered: BTreeSet<PoolRef>,
 }
 
 /// One agent to delete from ADO.
@@ -139,10 +142,17 @@ pub fn cleanup(
         let since = seen_since.get(&agent.id).copied().unwrap_or(now).min(now);
         out.orphan_since.insert(agent.id, since);
         let age = now.duration_since(since);
-        if age < grace {
+        // A finished Job runs no process any more, and a controller-registered agent has nobody else
+        // to deregister it: no reason to wait.
+        let deregister_now =
+            scope.controller_registered.contains(pool) && finished_job.contains_key(&name);
+        if age < grace && !deregister_now {
             continue;
         }
         let why = match finished_job.get(&name) {
+            Some(job) if deregister_now => format!(
+                "its agent Job {job} finished and the controller registered it (registration: controller)"
+            ),
             Some(job) => format!("its agent Job {job} finished"),
             None => "no agent Job of ours runs it (gone, or it never had one)".to_owned(),
         };
@@ -188,6 +198,7 @@ mod tests {
             paused: BTreeSet::from([PoolRef::new("ci", "paused")]),
             placeholder_capability: PLACEHOLDER.into(),
             placeholder_names: BTreeSet::from(["azp-placeholder-ci-linux-0123456789".to_owned()]),
+            controller_registered: BTreeSet::new(),
         }
     }
 
@@ -438,6 +449,93 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// `registration: controller`: an agent whose Job finished goes at first sight; every other case
+    /// keeps the grace (a Job gone without a trace may still be in the cache's future) or its agent.
+    #[test]
+    fn controller_registered_agents_go_when_their_job_finished() {
+        let mut scope = scope();
+        scope.controller_registered.insert(linux());
+        let grace = SignedDuration::from_secs(60);
+        let ours = agent(1, "linux-7-1-abcd", Some("c1/ci/linux"));
+        let cases = [
+            (
+                "Job finished",
+                vec![job("linux-7-1-abcd", JobPhase::Finished)],
+                None,
+                true,
+            ),
+            ("Job gone: grace first", vec![], None, false),
+            (
+                "Job running",
+                vec![job("linux-7-1-abcd", JobPhase::Running)],
+                None,
+                false,
+            ),
+            (
+                "Job starting",
+                vec![job("linux-7-1-abcd", JobPhase::Starting)],
+                None,
+                false,
+            ),
+            (
+                "Job finished but the agent still holds its request (killed mid-job)",
+                vec![job("linux-7-1-abcd", JobPhase::Finished)],
+                Some(7),
+                false,
+            ),
+            (
+                "an old finished Job and a new running one of the same agent name",
+                vec![
+                    job("linux-7-1-abcd", JobPhase::Finished),
+                    job("linux-7-1-abcd", JobPhase::Running),
+                ],
+                None,
+                false,
+            ),
+        ];
+        for (what, jobs, assigned, now) in cases {
+            let ado = AdoSnapshot {
+                agents: vec![Agent {
+                    assigned_request: assigned,
+                    ..ours.clone()
+                }],
+                ..AdoSnapshot::default()
+            };
+            let cluster = ClusterSnapshot {
+                jobs,
+                ..ClusterSnapshot::default()
+            };
+            let c = cleanup(&ado, &cluster, &scope, &BTreeMap::new(), t("00:00"), grace);
+            assert_eq!(
+                c.remove.iter().map(|o| o.agent_id).collect::<Vec<_>>(),
+                if now { vec![1] } else { vec![] },
+                "{what}"
+            );
+            if now {
+                assert!(
+                    c.remove[0].reason.contains("registration: controller"),
+                    "{what}"
+                );
+            }
+        }
+        // The default mode keeps the grace for a finished Job (its pod deregisters by itself).
+        let c = cleanup(
+            &AdoSnapshot {
+                agents: vec![ours],
+                ..AdoSnapshot::default()
+            },
+            &ClusterSnapshot {
+                jobs: vec![job("linux-7-1-abcd", JobPhase::Finished)],
+                ..ClusterSnapshot::default()
+            },
+            &self::scope(),
+            &BTreeMap::new(),
+            t("00:00"),
+            grace,
+        );
+        assert!(c.remove.is_empty());
     }
 
     #[test]

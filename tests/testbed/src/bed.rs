@@ -894,7 +894,7 @@ pub fn controller_role_rules() -> Vec<PolicyRule> {
             &["poddisruptionbudgets"],
             &["get", "create", "patch"],
         ),
-        rule(&[""], &["secrets"], &["get"]),
+        rule(&[""], &["secrets"], &["get", "create", "delete"]),
         rule(&["events.k8s.io"], &["events"], &["create", "patch"]),
     ]
 }

@@ -13,13 +13,13 @@ use super::StandinError;
 
 /// The private key parameters, as the official agent writes them to `.credentials_rsaparams`:
 /// big-endian byte arrays, base64 (standard alphabet, padded), the field names of .NET `RSAParameters`
-/// serialized through `RSAParametersSerializable` (`ContainerName` and `UseCng` first).
+/// serialized through `RSAParametersSerializable.GetObjectData`: `ContainerName`, then `d`, `dp`, `dq`,
+/// `exponent`, `inverseQ`, `modulus`, `p`, `q`. Its reader takes `ContainerName` as optional and ignores
+/// any other name (older agents wrote more), and so does this one.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RsaParams {
     #[serde(rename = "ContainerName", default)]
     pub container_name: String,
-    #[serde(rename = "UseCng", default)]
-    pub use_cng: bool,
     #[serde(with = "b64")]
     pub d: Vec<u8>,
     #[serde(with = "b64")]
@@ -102,7 +102,6 @@ impl RsaParams {
         let inverse_q = next("coefficient")?;
         Ok(Self {
             container_name: String::new(),
-            use_cng: false,
             d,
             dp,
             dq,
@@ -262,9 +261,15 @@ mod tests {
         assert_eq!(params.exponent, vec![1, 0, 1]);
 
         let json = serde_json::to_value(&params).expect("serialize");
+        let names: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(names.len(), 9, "exactly the agent's fields: {names:?}");
         for field in [
             "ContainerName",
-            "UseCng",
             "d",
             "dp",
             "dq",
@@ -296,6 +301,17 @@ mod tests {
         UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, public_key_der(&params))
             .verify(signed.as_bytes(), &sig)
             .expect("signature verifies with the public key");
+    }
+
+    #[test]
+    fn a_key_file_without_container_name_or_with_extra_names_loads_as_the_agent_reads_it() {
+        let params = RsaParams::generate().expect("generate");
+        let mut json = serde_json::to_value(&params).expect("serialize");
+        let object = json.as_object_mut().unwrap();
+        object.remove("ContainerName");
+        object.insert("UseCng".into(), serde_json::Value::Bool(false));
+        let back: RsaParams = serde_json::from_value(json).expect("deserialize");
+        assert!(back == params);
     }
 
     #[test]

@@ -36,7 +36,9 @@ pub struct ProbeReport {
     pub env: BTreeMap<String, String>,
     /// The listener's argv (program name first).
     pub argv: Vec<String>,
-    /// For `AZURE_FEDERATED_TOKEN_FILE` and every `*TOKEN*FILE*` variable: whether the step could read it.
+    /// For `AZURE_FEDERATED_TOKEN_FILE`, every `*TOKEN*FILE*` variable, and every file named `*token*`
+    /// under the pod's secret mounts (`/var/run/secrets`; in the node harness the whole pod folder, where
+    /// the projected and workload-identity tokens live): whether the step could read it.
     pub readable: BTreeMap<String, bool>,
 }
 
@@ -57,6 +59,12 @@ pub fn probe_step_main() -> i32 {
             readable.insert(value.clone(), std::fs::read(value).is_ok());
         }
     }
+    // Hiding variables does not hide a mounted file: look where tokens are mounted, as a step could.
+    let search = match env.get(crate::node::POD_DIR_ENV) {
+        Some(pod_dir) => std::path::PathBuf::from(pod_dir),
+        None => std::path::PathBuf::from("/var/run/secrets"),
+    };
+    find_token_files(&search, 0, &mut readable);
     match serde_json::to_string(&json!({"env": env, "readable": readable})) {
         Ok(text) => {
             println!("{text}");
@@ -65,6 +73,36 @@ pub fn probe_step_main() -> i32 {
         Err(e) => {
             eprintln!("cannot serialize the step report: {e}");
             1
+        }
+    }
+}
+
+/// Every file named like a token (`token`, `azure-identity-token`, …) below `dir`, with whether it can be
+/// read. Symlinked folders are not followed (the kubelet's `..data` links point inside the same volume).
+fn find_token_files(dir: &std::path::Path, depth: u32, out: &mut BTreeMap<String, bool>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_dir() {
+            if depth < 12 {
+                find_token_files(&path, depth + 1, out);
+            }
+        } else if entry
+            .file_name()
+            .to_string_lossy()
+            .to_ascii_lowercase()
+            .contains("token")
+            && !path.is_dir()
+        {
+            out.insert(
+                path.to_string_lossy().into_owned(),
+                std::fs::read(&path).is_ok(),
+            );
         }
     }
 }
