@@ -1407,11 +1407,17 @@ async fn fault_suite() {
             eprintln!("=== {head}\n{}", tail(body, 120));
         }
     }
-    eprintln!(
-        "\n===== fault suite: {} scenarios in {:.0?} =====\n{}",
+    let summary = format!(
+        "===== fault suite: {} scenarios in {:.0?} =====\n{}",
         reports.len(),
         started.elapsed(),
         table(&reports)
+    );
+    eprintln!("\n{summary}");
+    // cargo test hides a passing test's output: tests/run.sh prints this file after the tests.
+    let _ = std::fs::write(
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fault-suite-table.txt"),
+        &summary,
     );
     assert!(
         failed.is_empty(),

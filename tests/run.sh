@@ -27,8 +27,14 @@ export KUBECONFIG="${AZP_CLUSTER_DIR:-$repo/.cache/cluster}/kubeconfig"
 log "building the workspace binaries (the tests run them as processes)"
 cargo build --workspace --bins
 log "running the tests"
+table="$repo/target/tmp/fault-suite-table.txt"
+rm -f "$table"
+status=0
 if [ "$#" -gt 0 ]; then
-  cargo test "$@"
+  cargo test "$@" || status=$?
 else
-  cargo test --workspace --no-fail-fast
+  cargo test --workspace --no-fail-fast || status=$?
 fi
+# The fault suite's table of scenarios × invariants (cargo test hides a passing test's output).
+[ -f "$table" ] && cat "$table" >&2
+exit "$status"
