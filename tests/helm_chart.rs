@@ -836,33 +836,13 @@ async fn run_controller_under_the_charts_rbac(
         .status
         .map(|s| s.token)
         .ok_or("no token in the TokenRequest")?;
-    let admin = azp_testbed::node::kubeconfig_path();
-    let server = std::fs::read_to_string(&admin)
-        .map_err(|e| format!("read {}: {e}", admin.display()))?
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("server:")
-                .map(|s| s.trim().to_owned())
-        })
-        .ok_or("no server in the admin kubeconfig")?;
-    let ca = admin
-        .parent()
-        .map(|d| d.join("pki/ca.crt"))
-        .ok_or("no cluster folder")?;
     let dir =
         std::env::temp_dir().join(format!("azp-chart-rbac-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let _cleanup = scopeguard(dir.clone());
     let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n",
-            ca.display()
-        ),
-    )
-    .map_err(|e| e.to_string())?;
+    azp_testbed::bed::write_kubeconfig(&kubeconfig, &sa, &token, release_ns)
+        .map_err(|e| e.to_string())?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| e.to_string())?
@@ -879,7 +859,7 @@ async fn run_controller_under_the_charts_rbac(
             release_ns,
             "--kubeconfig",
         ])
-        .arg(&admin)
+        .arg(azp_testbed::node::kubeconfig_path())
         .output()
         .map_err(|e| e.to_string())?;
     let objects =

@@ -357,39 +357,10 @@ impl Bed {
                 },
             )
             .await?;
-        Api::<RoleBinding>::namespaced(self.client.clone(), ns)
-            .create(
-                &PostParams::default(),
-                &RoleBinding {
-                    metadata: ObjectMeta {
-                        name: Some(name.to_owned()),
-                        ..ObjectMeta::default()
-                    },
-                    role_ref: RoleRef {
-                        api_group: "rbac.authorization.k8s.io".to_owned(),
-                        kind: "Role".to_owned(),
-                        name: name.to_owned(),
-                    },
-                    subjects: Some(vec![Subject {
-                        kind: "ServiceAccount".to_owned(),
-                        name: name.to_owned(),
-                        namespace: Some(ns.clone()),
-                        ..Subject::default()
-                    }]),
-                },
-            )
-            .await?;
+        bind_role_to(&self.client, ns, name, name).await?;
         let token = sa_token(&self.client, ns, name, None).await?;
-        let server = client_server_url()?;
-        let ca = cluster_state_dir().join("pki").join("ca.crt");
         let path = self.dir.join(format!("{name}.kubeconfig"));
-        std::fs::write(
-            &path,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: bed\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n- name: bed\n  context: {{cluster: bed, user: {name}, namespace: {ns}}}\ncurrent-context: bed\n",
-                ca.display()
-            ),
-        )?;
+        write_kubeconfig(&path, name, &token, ns)?;
         Ok(path)
     }
 
@@ -918,28 +889,57 @@ async fn create_controller_rbac(client: &Client, namespace: &str) -> Result<(), 
 
 /// Binds the Role `name` to the controller's ServiceAccount.
 async fn bind_to_controller(client: &Client, namespace: &str, name: &str) -> Result<(), BedError> {
+    bind_role_to(client, namespace, name, CONTROLLER_SA).await
+}
+
+/// Binds the Role `role` of `namespace` to the ServiceAccount `sa` of the same namespace.
+async fn bind_role_to(
+    client: &Client,
+    namespace: &str,
+    role: &str,
+    sa: &str,
+) -> Result<(), BedError> {
     Api::<RoleBinding>::namespaced(client.clone(), namespace)
         .create(
             &PostParams::default(),
             &RoleBinding {
                 metadata: ObjectMeta {
-                    name: Some(name.to_owned()),
+                    name: Some(role.to_owned()),
                     ..ObjectMeta::default()
                 },
                 role_ref: RoleRef {
                     api_group: "rbac.authorization.k8s.io".to_owned(),
                     kind: "Role".to_owned(),
-                    name: name.to_owned(),
+                    name: role.to_owned(),
                 },
                 subjects: Some(vec![Subject {
                     kind: "ServiceAccount".to_owned(),
-                    name: CONTROLLER_SA.to_owned(),
+                    name: sa.to_owned(),
                     namespace: Some(namespace.to_owned()),
                     ..Subject::default()
                 }]),
             },
         )
         .await?;
+    Ok(())
+}
+
+/// Writes a kubeconfig for the local API server that authenticates as `user` with a bearer `token`.
+pub fn write_kubeconfig(
+    path: &Path,
+    user: &str,
+    token: &str,
+    namespace: &str,
+) -> Result<(), BedError> {
+    let server = client_server_url()?;
+    let ca = cluster_state_dir().join("pki").join("ca.crt");
+    std::fs::write(
+        path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: bed\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: {user}\n  user:\n    token: {token}\ncontexts:\n- name: bed\n  context: {{cluster: bed, user: {user}, namespace: {namespace}}}\ncurrent-context: bed\n",
+            ca.display()
+        ),
+    )?;
     Ok(())
 }
 
@@ -978,15 +978,7 @@ async fn controller_env(
 ) -> Result<Vec<(String, String)>, BedError> {
     let api_token = sa_token(client, namespace, CONTROLLER_SA, None).await?;
     let kubeconfig = dir.join("controller.kubeconfig");
-    let server = client_server_url()?;
-    let ca = cluster_state_dir().join("pki").join("ca.crt");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: bed\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: controller\n  user:\n    token: {api_token}\ncontexts:\n- name: bed\n  context: {{cluster: bed, user: controller, namespace: {namespace}}}\ncurrent-context: bed\n",
-            ca.display()
-        ),
-    )?;
+    write_kubeconfig(&kubeconfig, "controller", &api_token, namespace)?;
     let federated = sa_token(
         client,
         namespace,
