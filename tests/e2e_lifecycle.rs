@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use azp_testbed::bed::{Bed, BedOptions, ORG, eventually};
+use azp_testbed::invariants::job_agent;
 use azp_testbed::sim::{IdentitySpec, RequestSpec};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
@@ -107,23 +109,10 @@ async fn an_agent_killed_mid_job_is_cleaned_from_ado_and_foreign_agents_are_unto
         .agent_name
         .clone()
         .unwrap_or_else(|| fail(&bed, format!("request {id} never ran: {running:?}")));
-    let jobs = bed.jobs().await.expect("jobs");
-    let job = jobs
-        .iter()
-        .find(|j| {
-            j.metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get("azp-autoscaler.dev/agent-name"))
-                == Some(&agent)
-        })
-        .unwrap_or_else(|| fail(&bed, format!("no agent Job runs {agent}")));
-    let job_name = job.metadata.name.clone().unwrap_or_default();
-    let pods = Api::<Pod>::namespaced(bed.client.clone(), &bed.namespace)
-        .list(&ListParams::default().labels(&format!("job-name={job_name}")))
+    let pod = pod_of_agent(&bed, &agent)
         .await
-        .expect("pods");
-    let pod = pods.items[0].metadata.name.clone().unwrap_or_default();
+        .and_then(|p| p.metadata.name)
+        .unwrap_or_else(|| fail(&bed, format!("no agent Job's pod runs {agent}")));
     bed.node
         .as_ref()
         .expect("node")
@@ -601,15 +590,7 @@ async fn client_without_retries() -> kube::Client {
 
 /// The pod of the agent Job running `agent`.
 async fn pod_of_agent(bed: &Bed, agent: &str) -> Option<Pod> {
-    let jobs = bed.jobs().await.ok()?;
-    let job = jobs.iter().find(|j| {
-        j.metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get("azp-autoscaler.dev/agent-name"))
-            .is_some_and(|n| n == agent)
-    })?;
-    let job_name = job.metadata.name.clone()?;
+    let job_name = job_of_agent(bed, agent).await?.metadata.name?;
     Api::<Pod>::namespaced(bed.client.clone(), &bed.namespace)
         .list(&ListParams::default().labels(&format!("job-name={job_name}")))
         .await
@@ -617,6 +598,15 @@ async fn pod_of_agent(bed: &Bed, agent: &str) -> Option<Pod> {
         .items
         .into_iter()
         .next()
+}
+
+/// The agent Job running `agent`.
+async fn job_of_agent(bed: &Bed, agent: &str) -> Option<Job> {
+    bed.jobs()
+        .await
+        .ok()?
+        .into_iter()
+        .find(|j| job_agent(j) == Some(agent))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -684,19 +674,9 @@ async fn a_busy_agent_pod_cannot_be_evicted_an_idle_one_can_and_a_lost_job_is_co
     );
 
     // A new template (KEDA's default rollout would delete running Jobs): the busy Job keeps running.
-    let busy_job_uid = bed
-        .jobs()
+    let busy_job_uid = job_of_agent(&bed, &agent)
         .await
-        .expect("jobs")
-        .iter()
-        .find(|j| {
-            j.metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get("azp-autoscaler.dev/agent-name"))
-                == Some(&agent)
-        })
-        .and_then(|j| j.metadata.uid.clone())
+        .and_then(|j| j.metadata.uid)
         .expect("the busy agent's Job");
     let mut changed = bed.agentpool("linux", "linux", 3);
     changed["spec"]["minIdle"] = serde_json::json!(1);
