@@ -91,12 +91,6 @@ struct GroupState {
     files_stored: HashSet<String>,
 }
 
-impl GroupState {
-    fn expected_agent_names(&self) -> Vec<String> {
-        self.expected.agent_names()
-    }
-}
-
 /// How long a created Job counts without the watch cache showing it.
 const EXPECTED_JOB_TTL: SignedDuration = SignedDuration::from_secs(120);
 
@@ -290,7 +284,7 @@ async fn poll_once(
                     .get(job::ANNOTATION_AGENT_NAME)
                     .cloned()
             })
-            .chain(state.expected_agent_names())
+            .chain(state.expected.agent_names())
             .collect();
         snapshot::remember_registered(&mut state.registered_before, &state.agents, &ours);
     }

@@ -937,10 +937,6 @@ impl ExpectedJobs {
         self.jobs.values().map(|(j, _)| j).collect()
     }
 
-    pub fn len(&self) -> usize {
-        self.jobs.len()
-    }
-
     /// The agent names of the expected Jobs.
     pub fn agent_names(&self) -> Vec<String> {
         self.jobs
